@@ -1,0 +1,1 @@
+"""Console commands. Each ``main`` goes through :func:`sfs_fast.cli.common.run_command`."""

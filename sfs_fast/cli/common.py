@@ -1,0 +1,38 @@
+"""What every command shares: one clear error line, exit codes, ``--debug``."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # bad input or a failure before any work was done
+EXIT_USAGE = 2  # argparse's own code for bad command lines
+EXIT_PARTIAL = 3  # some inputs failed, the rest were processed
+
+
+class CommandError(Exception):
+    """An error to report as one line (no traceback) with a given exit code."""
+
+    def __init__(self, message: str, code: int = EXIT_ERROR):
+        super().__init__(message)
+        self.code = code
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+
+
+def run_command(prog: str, func, args) -> int:
+    """Run ``func(args)``; turn expected failures into one stderr line and an exit code."""
+    try:
+        code = func(args)
+        return EXIT_OK if code is None else int(code)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except (CommandError, ValueError, OSError, RuntimeError, ImportError) as exc:
+        if getattr(args, "debug", False):
+            raise
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"{prog}: error: {message}", file=sys.stderr)
+        return getattr(exc, "code", EXIT_ERROR) if isinstance(exc, CommandError) else EXIT_ERROR
