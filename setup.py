@@ -51,6 +51,12 @@ setup(
     entry_points={
         "console_scripts": [
             "sfs-convert=sfs_fast.cli.convert:main",
+            "sfs-decompose=sfs_fast.cli.decompose:main",
+            "sfs-interpolate=sfs_fast.cli.interpolate:main",
+            "sfs-export=sfs_fast.export.cli:main",
+            "sfs-bench=sfs_fast.bench.cli:main",
+            "sfs-train=sfs_fast.training.cli:train_main",
+            "sfs-data=sfs_fast.training.cli:data_main",
         ],
     },
 )

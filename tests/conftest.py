@@ -1,0 +1,46 @@
+"""Shared test set-up: caches in a temporary folder, few threads, seeded randomness."""
+import os
+import tempfile
+
+_CACHE = tempfile.mkdtemp(prefix="sfs_fast_test_cache_")
+# ONNX Runtime and inductor write caches; keep them out of the user's home.
+os.environ.setdefault("XDG_CACHE_HOME", _CACHE)
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_CACHE, "inductor"))
+os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(_CACHE, "triton"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def calibrate_batchnorm(model, steps=3, batch=4, seed=0):
+    """Give every BatchNorm realistic running statistics by running the model in train mode
+    on random images, then return it in eval mode. A freshly built model has mean 0 / var 1
+    statistics, under which activations grow through the trunk."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the calibration batches
+            m.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            model(torch.rand(batch, 3, 128, 128, generator=gen))
+    return model.eval()
+
+
+@pytest.fixture
+def calibrated_model():
+    """A factory: ``calibrated_model(method, **config)`` -> eval model with realistic BN stats."""
+    from sfs_fast import build_model
+
+    def make(method=0, **config):
+        return calibrate_batchnorm(build_model(method, **config))
+
+    return make
