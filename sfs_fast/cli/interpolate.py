@@ -1,0 +1,196 @@
+"""sfs-interpolate: the original ``interpolate.py`` dump (SPEC B.5) plus real lighting
+interpolation (SPEC A.9): picture A's albedo and normals rendered under lights blended from
+A's own light to B's (or to a light file) in N steps, saved as a strip."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from sfs_fast.cli.common import EXIT_OK, EXIT_PARTIAL, CommandError, add_debug_flag, run_command
+
+PROG = "sfs-interpolate"
+
+DESCRIPTION = """\
+Per-picture decomposition dumps and lighting-interpolation strips.
+
+IN is a folder of pictures (-r for sub-folders), one picture, or a text file listing
+pictures; pictures are read as sfs-decompose reads them (EXIF orientation, any mode, center
+crop to a square, or --fit pad, then 128x128). Pictures are numbered i = 0, 1, ... in sorted
+order (OUT/inputs.txt maps numbers to files).
+
+Dump (as the original interpolate.py, SPEC B.5), for picture i:
+  i_face.png  i_normal.png ((n + 1) / 2)  i_albedo.png  i_shading.png  i_recon.png
+  i_light.txt (27 SH coefficients, R|G|B blocks of 9; none for method 2)
+  method extras: i_corrected_shading.png (1), i_residual.png and i_updated-shading.png
+  (3-7; i_shading.png is then the SH-only shading), i_updated-albedo.png (4).
+
+Strip (i_relight.png, unless --no-strips; needs SH light, so not for method 2): picture A's
+albedo and unit normals shaded with lights L_t = (1 - t) L_A + t L_B, t = 0 .. 1 in --steps
+steps. L_B is the light of --target PICTURE, of --light FILE (SfSNet light-file format), or
+by default the light of the next picture (the last one goes to the first). Row 1 is the
+shading (one display scale for the whole strip), row 2 the rendered face shading x albedo.
+The residue of methods 3-7 is NOT kept in the strip: it was predicted for A's own light,
+so the strip shows the pure SH relighting (for method 4 with the plain albedo).
+"""
+
+EPILOG = """\
+exit codes: 0 success; 1 nothing usable (bad arguments, no pictures, every picture
+failed); 2 command-line syntax error; 3 some pictures failed, the others were written.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("input", metavar="IN", help="folder, picture, or text file listing pictures")
+    p.add_argument("output", metavar="OUT", help="output folder")
+    p.add_argument("--method", default=None, help="method id 0-7 or slug (default: the checkpoint's, else 0)")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--weights", metavar="CKPT", default=None, help="checkpoint (default: bundled demo weights)")
+    src.add_argument("--onnx", metavar="FILE", default=None, help="an exported .onnx model (implies --backend onnx)")
+    p.add_argument("--backend", choices=["eager", "fused", "compile", "onnx"], default=None,
+                   help="inference backend (default: fused; onnx with --onnx)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads of the model")
+    p.add_argument("-r", "--recursive", action="store_true", help="descend into sub-folders of IN")
+    p.add_argument("--fit", choices=["crop", "pad"], default="crop", help="non-square pictures: crop or pad")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--target", metavar="PICTURE", default=None,
+                        help="blend every picture's light towards this picture's light")
+    target.add_argument("--light", metavar="FILE", default=None,
+                        help="blend towards this light file (27 floats, SfSNet format)")
+    p.add_argument("--steps", type=int, default=7, help="pictures per strip, ends included (default: 7)")
+    p.add_argument("--no-strips", action="store_true", help="only the per-picture dumps")
+    p.add_argument("--batch-size", type=int, default=16, help="pictures per model call (default: 16)")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    add_debug_flag(p)
+    return p
+
+
+def _decompose_all(dec, tensors, batch_size):
+    import numpy as np
+    import torch
+
+    outs = []
+    for start in range(0, len(tensors), batch_size):
+        x = torch.from_numpy(np.stack(tensors[start:start + batch_size]))
+        batch = dec.decompose(x)
+        outs += [{k: v[i] for k, v in batch.items()} for i in range(x.shape[0])]
+    return outs
+
+
+def relight_strip(normal, albedo, light_a, light_b, steps: int):
+    """Render ``steps`` frames of unit ``normal`` and ``albedo`` ``[3,H,W]`` under lights
+    blended linearly from ``light_a`` to ``light_b`` ``[27]``.
+
+    Returns ``(shading, recon)``, each float32 ``[steps,3,H,W]``."""
+    import torch
+
+    from sfs_fast.kernels import sh_shade
+
+    t = torch.linspace(0.0, 1.0, steps, dtype=torch.float32)[:, None]
+    a = torch.as_tensor(light_a, dtype=torch.float32).reshape(1, 27)
+    b = torch.as_tensor(light_b, dtype=torch.float32).reshape(1, 27)
+    lights = (1.0 - t) * a + t * b
+    n = torch.as_tensor(normal, dtype=torch.float32).expand(steps, -1, -1, -1).contiguous()
+    alb = torch.as_tensor(albedo, dtype=torch.float32).expand(steps, -1, -1, -1).contiguous()
+    shading, recon = sh_shade(n, lights, None, alb)
+    return shading, recon
+
+
+def interpolate(args) -> int:
+    import numpy as np
+
+    from sfs_fast import images
+    from sfs_fast.cli.decompose import _make_decomposer, collect_inputs
+    from sfs_fast.sh import format_light, read_light
+
+    if args.steps < 2:
+        raise CommandError("--steps must be at least 2")
+    out_dir = Path(args.output)
+    items = collect_inputs(Path(args.input), out_dir, recursive=args.recursive, masks_dir=None)
+    if not items:
+        raise CommandError(f"{args.input}: no pictures found")
+    target_light = read_light(args.light) if args.light else None
+    target_image = None
+    if args.target:
+        try:
+            target_image, _, _ = images.load_image(args.target, fit=args.fit)
+        except images.ImageError as exc:
+            raise CommandError(f"--target {args.target}: {exc}") from None
+
+    dec = _make_decomposer(args, PROG)
+    has_light = "light" in dec.output_names
+    strips = not args.no_strips
+    if strips and not has_light:
+        print(f"{PROG}: note: method {dec.method} predicts no SH light; writing dumps only", file=sys.stderr)
+        strips = False
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    good, tensors, failed = [], [], 0
+    for item in items:
+        try:
+            img, _, _ = images.load_image(item.path, fit=args.fit)
+        except images.ImageError as exc:
+            print(f"{PROG}: failed {item.path}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        good.append(item)
+        tensors.append(img)
+    if not good:
+        raise CommandError("no picture could be read")
+    outs = _decompose_all(dec, tensors, args.batch_size)
+    if target_image is not None:
+        target_light = _decompose_all(dec, [target_image], 1)[0]["light"].numpy()
+
+    lines = []
+    residue_method = "residue" in dec.output_names
+    for i, (item, face, out) in enumerate(zip(good, tensors, outs)):
+        o = {k: v.numpy() for k, v in out.items()}
+        lines.append(f"{i}\t{item.path}\n")
+        dump = {
+            "face": images.unit_to_rgb(face),
+            "normal": images.normal_to_rgb(o["normal"]),
+            "albedo": images.unit_to_rgb(o["albedo"]),
+            "shading": images.shading_to_rgb(o["sh_shading"] if residue_method else o["shading"]),
+            "recon": images.unit_to_rgb(o["recon"]),
+        }
+        if "corrected_shading" in o:
+            dump["corrected_shading"] = images.shading_to_rgb(o["corrected_shading"])
+        if residue_method:
+            dump["residual"] = images.residue_to_rgb(o["residue"])
+            dump["updated-shading"] = images.shading_to_rgb(o["shading"])
+        if "updated_albedo" in o:
+            dump["updated-albedo"] = images.unit_to_rgb(o["updated_albedo"])
+        for kind, rgb in dump.items():
+            images.save_png(out_dir / f"{i}_{kind}.png", rgb)
+        if has_light:
+            images.save_text(out_dir / f"{i}_light.txt", format_light(o["light"]))
+        if strips:
+            light_b = target_light if target_light is not None else outs[(i + 1) % len(outs)]["light"].numpy()
+            shading, recon = relight_strip(o["normal"], o["albedo"], o["light"], light_b, args.steps)
+            scale = float(shading.max())
+            rows = [[images.shading_to_rgb(s, scale=scale) for s in shading.numpy()],
+                    [images.unit_to_rgb(r) for r in recon.numpy()]]
+            images.save_png(out_dir / f"{i}_relight.png", images.grid(rows))
+    images.save_text(out_dir / "inputs.txt", "".join(lines))
+
+    summary = {"ok": len(good), "failed": failed, "method": dec.method, "strips": strips,
+               "steps": args.steps, "output": str(out_dir)}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{PROG}: {len(good)} pictures dumped{' with strips' if strips else ''}, {failed} failed; "
+              f"output in {out_dir}", file=sys.stderr)
+    return EXIT_OK if failed == 0 else EXIT_PARTIAL
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(PROG, interpolate, args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
