@@ -49,6 +49,9 @@ def convert(args) -> int:
     config = {} if args.upsample is None else {"upsample": args.upsample}
     model = weights.load_any(src, method=method, **config)
     meta = {"source": src.name, "source_sha256": weights.file_sha256(src)}
+    # Provenance from the importers: source format and layout, the folds applied, and the
+    # modules that came from the file (the trainer freezes only those).
+    meta.update(getattr(model, "import_metadata", {}))
     weights.save(model, out, dtype=torch.float16 if args.fp16 else None, **meta)
     label = f"method {model.method}" if hasattr(model, "method") else "SkipNet"
     print(f"wrote {out} ({label}, {out.stat().st_size / 1e6:.1f} MB)")
