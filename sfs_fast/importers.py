@@ -182,7 +182,8 @@ def _read_h5_layers(path: Path) -> dict:
         layers = {}
         for layer, group in groups[parent].items():
             n = len(group.keys())
-            layers[layer] = [np.asarray(group[str(i)][()], dtype=np.float32) for i in range(n)
+            # float64 so that the scale-factor division and the folds round once, at the end.
+            layers[layer] = [np.asarray(group[str(i)][()], dtype=np.float64) for i in range(n)
                              if str(i) in group]
     return layers
 

@@ -127,6 +127,9 @@ def load(path, method=None, **config_overrides) -> torch.nn.Module:
         state[name] = tensor.to(expected[name].dtype)
     model.load_state_dict(state)
     model.checkpoint_metadata = meta
+    # Modules whose weights came from a file (an import records them; a trained checkpoint
+    # holds all); the trainer freezes only these.
+    model.loaded_modules = list(meta.get("loaded_modules") or [n for n, _ in model.named_children()])
     return model.eval()
 
 

@@ -62,6 +62,7 @@ def test_h5_to_other_method_and_fp16(tmp_path, capsys, caffe_h5):
     assert model.method == 3 and meta["stored_dtype"] == "float16"
     assert "shading_residual_model" not in meta["loaded_modules"]
     assert "albedo_residual_model_2" in meta["loaded_modules"]
+    assert model.loaded_modules == meta["loaded_modules"]  # what the trainer freezes
 
 
 def test_pth_pipeline_round_trip_and_wrong_method(tmp_path, capsys):
