@@ -24,6 +24,8 @@ Pickle files are only ever read with ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
+from functools import lru_cache
+from math import prod
 from pathlib import Path
 
 import torch
@@ -62,6 +64,14 @@ def _caffe_layer_table() -> list[tuple[str, str, str]]:
 CAFFE_LAYERS = _caffe_layer_table()
 
 
+@lru_cache(maxsize=1)
+def _sfsnet_shapes() -> dict:
+    """Tensor shapes of the SfSNet network (method 0 with the fixed deconvolution): Caffe
+    space and ours agree on them, whichever method is being built."""
+    model = build_model(0, upsample="caffe")
+    return {key: tuple(t.shape) for key, t in model.state_dict().items()}
+
+
 def _albedo_targets(module_path: str, model) -> list[str]:
     """Our module paths a source module path lands in: the albedo residual branch also fills
     ``albedo_residual_model_2`` (as ``load_model_from_pretrained`` does); modules the method
@@ -98,38 +108,37 @@ def caffe_blobs_to_state(layers: dict, model, source: str) -> tuple[dict, list[s
         blobs = layers.get(name)
         if blobs is None:
             raise CheckpointError(f"{source}: layer {name!r} is missing")
-        targets = _albedo_targets(module_path, model)
-        if kind == "deconv":
-            # The fixed bilinear upsampler; a bilinear-interpolation model has nowhere to put it.
-            targets = [t for t in targets if f"{t}.weight" in expected]
-            tensors = {"weight": blobs["weight"]}
-        elif kind == "bn":
-            ones = torch.ones_like(blobs["mean"])
-            tensors = {"running_mean": blobs["mean"], "running_var": blobs["var"],
-                       "weight": blobs.get("gamma", ones), "bias": blobs.get("beta", torch.zeros_like(ones))}
-        else:
-            weight, bias = blobs["weight"], blobs["bias"]
-            if name == "conv1":  # Caffe reads BGR: swap the input channels so we can feed RGB.
-                weight = weight.flip(1)
-            elif name == "Nconv0":  # ours = 2 * BGR->RGB(caffe) - 1; the model then normalizes.
-                weight, bias = 2.0 * weight.flip(0), 2.0 * bias.flip(0) - 1.0
-            elif name == "Aconv0":  # Change_Form: BGR -> RGB albedo.
-                weight, bias = weight.flip(0), bias.flip(0)
-            elif name == "lconv1":  # Caffe concat [normal, albedo, conv3] -> ours [conv3, normal, albedo].
-                if weight.dim() >= 2 and weight.shape[1] == 384:
-                    weight = torch.cat([weight[:, 256:384], weight[:, 0:128], weight[:, 128:256]], dim=1)
-            tensors = {"weight": weight, "bias": bias}
-        for target in targets:
+        if kind == "bn":
+            ones = torch.ones_like(torch.as_tensor(blobs["mean"]))
+            blobs = {"running_mean": blobs["mean"], "running_var": blobs["var"],
+                     "weight": blobs.get("gamma", ones), "bias": blobs.get("beta", torch.zeros_like(ones))}
+        # Shapes first (the folds below keep them), so that a misfit is named, not a crash.
+        tensors = {}
+        for field, value in blobs.items():
+            tensor = torch.as_tensor(value)
+            shape = _sfsnet_shapes()[f"{module_path}.{field}"]
+            if tensor.numel() == prod(shape) and tensor.dim() != len(shape) and kind != "deconv":
+                tensor = tensor.reshape(shape)  # e.g. InnerProduct blobs stored with 1x1 dims
+            if tuple(tensor.shape) != tuple(shape):
+                raise CheckpointError(f"{source}: layer {name!r} {field} has shape {tuple(tensor.shape)}, "
+                                      f"expected {tuple(shape)}")
+            tensors[field] = tensor
+        if name == "conv1":  # Caffe reads BGR: swap the input channels so we can feed RGB.
+            tensors["weight"] = tensors["weight"].flip(1)
+        elif name == "Nconv0":  # ours = 2 * BGR->RGB(caffe) - 1; the model then normalizes.
+            tensors["weight"] = 2.0 * tensors["weight"].flip(0)
+            tensors["bias"] = 2.0 * tensors["bias"].flip(0) - 1.0
+        elif name == "Aconv0":  # Change_Form: BGR -> RGB albedo.
+            tensors = {field: t.flip(0) for field, t in tensors.items()}
+        elif name == "lconv1":  # Caffe concat [normal, albedo, conv3] -> ours [conv3, normal, albedo].
+            w = tensors["weight"]
+            tensors["weight"] = torch.cat([w[:, 256:384], w[:, 0:128], w[:, 128:256]], dim=1)
+        for target in _albedo_targets(module_path, model):
             for field, tensor in tensors.items():
                 key = f"{target}.{field}"
-                want = expected[key]
-                tensor = torch.as_tensor(tensor)
-                if tensor.numel() == want.numel() and tensor.dim() != want.dim() and name == "fc_light":
-                    tensor = tensor.reshape(want.shape)  # InnerProduct blobs may carry 1x1 dims
-                if tuple(tensor.shape) != tuple(want.shape):
-                    raise CheckpointError(f"{source}: layer {name!r} {field} has shape {tuple(tensor.shape)}, "
-                                          f"expected {tuple(want.shape)}")
-                state[key] = tensor.to(want.dtype).clone()
+                if key not in expected:  # a bilinear-interpolation model has no deconvolution kernel
+                    continue
+                state[key] = tensor.to(expected[key].dtype).clone()
     loaded = sorted({k.split(".", 1)[0] for k in state})
     return state, loaded
 

@@ -137,6 +137,9 @@ def test_caffe_missing_layer_and_wrong_shape_are_named(tmp_path, layers, caffe_b
     blobs = dict(caffe_blobs, fc_light=[np.zeros((26, 128), np.float32), np.zeros(26, np.float32)])
     with pytest.raises(CheckpointError, match="fc_light"):
         import_caffe_h5(cr.write_caffe_h5(tmp_path / "shape.h5", blobs, layers))
+    blobs = dict(caffe_blobs, conv1=[np.zeros(5, np.float32), np.zeros(64, np.float32)])  # before any fold
+    with pytest.raises(CheckpointError, match="'conv1' weight has shape"):
+        import_caffe_h5(cr.write_caffe_h5(tmp_path / "dims.h5", blobs, layers))
     with h5py.File(tmp_path / "empty.h5", "w") as f:
         f.create_group("data")
     with pytest.raises(CheckpointError, match="no Caffe layer"):
