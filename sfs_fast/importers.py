@@ -201,7 +201,10 @@ def _caffe_bn(blobs, name: str, source) -> dict:
     """Caffe BatchNorm blobs ``(mean*s, var*s, s)`` -> true statistics (s == 0 gives 0, as Caffe)."""
     if len(blobs) != 3:
         raise CheckpointError(f"{source}: BatchNorm layer {name!r} has {len(blobs)} blobs, expected 3")
-    s = float(torch.as_tensor(blobs[2]).reshape(-1)[0])
+    scale = torch.as_tensor(blobs[2]).reshape(-1)
+    if scale.numel() != 1:
+        raise CheckpointError(f"{source}: BatchNorm layer {name!r} scale factor has {scale.numel()} values, expected 1")
+    s = float(scale[0])
     factor = 0.0 if s == 0 else 1.0 / s
     return {"mean": torch.as_tensor(blobs[0]).reshape(-1) * factor,
             "var": torch.as_tensor(blobs[1]).reshape(-1) * factor}
@@ -294,7 +297,7 @@ def _sfsnet_pytorch_prefixes() -> list[tuple[str, str]]:
 
 def _map_by_prefix(state: dict, pairs, model, source) -> tuple[dict, list[str]]:
     expected = model.state_dict()
-    out, used = {}, set()
+    out = {}
     for src_prefix, dst_prefix in pairs:
         for dst in _albedo_targets(dst_prefix, model):
             for key in expected:
@@ -308,7 +311,6 @@ def _map_by_prefix(state: dict, pairs, model, source) -> tuple[dict, list[str]]:
                     raise CheckpointError(f"{source}: {src_key} has shape {tuple(tensor.shape)}, "
                                           f"expected {tuple(expected[key].shape)} for {key}")
                 out[key] = tensor.to(expected[key].dtype).clone()
-                used.add(src_key)
     # Source tensors of modules the target method lacks (method 2 has no light estimator) are
     # not an error; tensors that belong to no known module are.
     known = tuple(p + "." for p, _ in pairs)
