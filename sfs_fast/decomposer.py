@@ -6,7 +6,8 @@
 
 Backends:
 - ``eager``: the model as built (reference shading, no rewrites): the baseline.
-- ``fused``: BatchNorm folded into convolutions, channels-last, the fused shading op.
+- ``fused``: BatchNorm folded into convolutions, the heads' first 1x1 conv before their
+  upsampling, channels-last, the fused shading op (``sfs_fast.optimize``; each switchable).
 - ``compile``: ``torch.compile`` of the fused model (the first call compiles).
 - ``onnx``: an ONNX Runtime session (``sfs_fast.export.OnnxRunner``) on an exported file.
 """
@@ -17,7 +18,7 @@ import warnings
 import torch
 
 from sfs_fast.models import build_model, method_id, output_names
-from sfs_fast.optimize import fold_batchnorm, to_channels_last
+from sfs_fast.optimize import FUSED_OPTIONS, optimize_for_inference
 
 BACKENDS = ("eager", "fused", "compile", "onnx")
 INPUT_SIZE = 128
@@ -37,10 +38,12 @@ class Decomposer:
         backend: one of ``eager``, ``fused``, ``compile``, ``onnx``.
         device: ``cpu`` or ``cuda``.
         threads: intra-op threads (torch and ONNX Runtime); None keeps the default.
+        optimizations: overrides of :data:`sfs_fast.optimize.FUSED_OPTIONS` for the ``fused``
+            and ``compile`` backends (e.g. ``{"channels_last": False}``), to measure each one.
     """
 
     def __init__(self, model=None, *, method=None, weights=None, onnx=None, backend="fused",
-                 device="cpu", threads=None):
+                 device="cpu", threads=None, optimizations=None):
         if backend not in BACKENDS:
             raise ValueError(f"backend: unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
         self.backend = backend
@@ -50,6 +53,7 @@ class Decomposer:
         if threads is not None:
             torch.set_num_threads(int(threads))
         self.threads = threads
+        self.optimizations = dict(optimizations or {})
         self.runner = None
         if backend == "onnx" and onnx is not None and model is None and weights is None:
             from sfs_fast.export import OnnxRunner
@@ -95,10 +99,11 @@ class Decomposer:
 
             self.runner = OnnxRunner.from_model(model, path=onnx, device=self.device.type, threads=self.threads)
             return None
-        fused = to_channels_last(fold_batchnorm(model))
-        fused.config.shading_backend = "auto"
+        fused = optimize_for_inference(model, **self.optimizations)
         if self.backend == "compile":
             fused = torch.compile(fused)
+        if not {**FUSED_OPTIONS, **self.optimizations}["channels_last"]:
+            return lambda x: fused(x)
         return lambda x: fused(x.contiguous(memory_format=torch.channels_last))
 
     def decompose(self, images) -> dict:

@@ -32,3 +32,87 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 def to_channels_last(model: nn.Module) -> nn.Module:
     """``model`` converted in place to channels-last weights (NHWC convolutions in oneDNN)."""
     return model.to(memory_format=torch.channels_last)
+
+
+class ConvBeforeUpsample(nn.Module):
+    """An ``ImageHead`` or ``GenerationNet`` whose first 1x1 conv + BatchNorm runs at the low
+    resolution, before the 2x upsampling, instead of after it (4x fewer FLOPs for that layer).
+
+    Exact in eval mode: a 1x1 convolution and an eval BatchNorm act on each pixel with the
+    same affine map, and the upsampling applies the same linear filter to every channel. The
+    linear part always commutes; the constant part (bias, BN shift) commutes only when the
+    filter weights sum to 1 at every output pixel, which holds for bilinear interpolation
+    (both ``align_corners`` settings) but not at the border of Caffe's fixed deconvolution,
+    so for that one the constants are added after upsampling. The ReLU stays after.
+    """
+
+    def __init__(self, head: nn.Module):
+        super().__init__()
+        from sfs_fast.models import FixedBilinearUpsample, ImageHead
+
+        self.image_head = isinstance(head, ImageHead)
+        self.convs = [head.conv1, head.conv2, head.conv3] + ([head.conv4] if self.image_head else [])
+        for k, m in enumerate(self.convs, 1):
+            self.add_module(f"conv{k}", m)
+        self.upsample = None if self.image_head else head.upsample
+        # bias and BN shift applied after a zero-padded upsampler (weights not summing to 1)
+        self.constants_after = isinstance(self.upsample, FixedBilinearUpsample)
+
+    def _up(self, x):
+        if self.image_head:
+            return torch.nn.functional.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=True)
+        return self.upsample(x)
+
+    def forward(self, x):
+        conv, bn, relu = self.conv1[0], self.conv1[1], self.conv1[2]
+        if not self.constants_after:
+            y = self._up(bn(conv(x)))
+        else:
+            y = self._up(torch.nn.functional.conv2d(x, conv.weight))
+            if conv.bias is not None:
+                y = y + conv.bias.view(1, -1, 1, 1)
+            y = bn(y)
+        y = relu(y)
+        for m in self.convs[1:]:
+            y = m(y)
+        return y
+
+
+def conv_before_upsample(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` (eval mode) with every image head and generation net rewritten
+    as :class:`ConvBeforeUpsample`."""
+    from sfs_fast.models import GenerationNet, ImageHead
+
+    model = copy.deepcopy(model).eval()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) in (ImageHead, GenerationNet):
+                setattr(parent, name, ConvBeforeUpsample(child))
+    return model
+
+
+# The rewrites of the "fused" inference path, in the order they are applied; each one can be
+# switched off (``optimize_for_inference(model, fold_bn=False)``) to measure what it brings.
+FUSED_OPTIONS = {
+    "fold_bn": True,  # BatchNorm folded into the convolution before it
+    "conv_before_upsample": True,  # 1x1 conv + BN of the heads at 64x64, then upsample
+    "channels_last": True,  # NHWC weights and activations (oneDNN's fast layout)
+    "shading_backend": "auto",  # the fused shading op ("reference" = the plain PyTorch one)
+}
+
+
+def optimize_for_inference(model: nn.Module, **options) -> nn.Module:
+    """A copy of ``model`` (eval) with the rewrites of :data:`FUSED_OPTIONS` applied; keyword
+    arguments override the defaults. The original model is not touched."""
+    unknown = set(options) - set(FUSED_OPTIONS)
+    if unknown:
+        raise ValueError(f"options: unknown optimisation(s) {sorted(unknown)}; known: {sorted(FUSED_OPTIONS)}")
+    opts = {**FUSED_OPTIONS, **options}
+    out = fold_batchnorm(model) if opts["fold_bn"] else copy.deepcopy(model).eval()
+    if opts["conv_before_upsample"]:
+        out = conv_before_upsample(out)
+    if opts["channels_last"]:
+        out = to_channels_last(out)
+    if hasattr(out, "config"):
+        out.config.shading_backend = opts["shading_backend"]
+    return out

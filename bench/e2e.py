@@ -1,0 +1,210 @@
+"""End-to-end inference benchmark: every method, batch and path through the one
+``Decomposer``, side by side in one run, each path checked against eager on the same input.
+
+Paths:
+- ``eager``: the model as built (reference shading, no rewrites): the baseline.
+- ``fused``: ``sfs_fast.optimize.optimize_for_inference`` (BatchNorm folded, heads' 1x1 conv
+  before the upsampling, channels-last, fused shading op); ``--fused-options`` switches them.
+- ``compile``: ``torch.compile`` of the fused model; the first call (compilation) is timed
+  apart from the runs.
+- ``onnx``, ``onnx-int8``, ``onnx-fp16``: ONNX Runtime through the Decomposer's ``onnx``
+  backend (the low-precision ones when the Decomposer offers a ``precision`` setting).
+
+A path that cannot run here is listed with ``status: "skipped"`` and the reason.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+
+import torch
+
+from .floors import compute_floor_ms, count_flops, measure_gemm_rate
+from .timing import time_calls
+
+PATHS = ("eager", "fused", "compile", "onnx", "onnx-int8", "onnx-fp16")
+DEFAULT_PATHS = ("eager", "fused", "compile", "onnx", "onnx-int8")
+ONNX_PRECISION = {"onnx": None, "onnx-int8": "int8", "onnx-fp16": "fp16"}
+INPUT_SIZE = 128
+ROTATED_INPUTS = 3
+
+
+class PathUnavailable(Exception):
+    """A path that cannot run on this machine; the message is the reason shown."""
+
+
+def calibrate_batchnorm(model: torch.nn.Module, *, steps: int = 2, batch: int = 2, seed: int = 0,
+                        size: int = INPUT_SIZE):
+    """Give a randomly initialised model realistic BatchNorm statistics (a fresh one has mean
+    0 / var 1, under which activations grow through the trunk and relative errors mean
+    little): run it in train mode on random images, then return it in eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average over the calibration batches
+            m.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            model(torch.rand(batch, 3, size, size, generator=gen))
+    return model.eval()
+
+
+def load_bench_model(method: int, weights=None, seed: int = 0, size: int = INPUT_SIZE):
+    """The model to benchmark and where its weights came from: ``weights`` if given, else the
+    bundled demo weights, else random weights with calibrated BatchNorm statistics."""
+    from sfs_fast import build_model, weights as weights_mod
+
+    if weights is not None:
+        return weights_mod.load_any(weights, method=method).eval(), str(weights)
+    default = weights_mod.default_weights(method)
+    if default is not None:
+        return weights_mod.load(default).eval(), str(default)
+    torch.manual_seed(seed)
+    return calibrate_batchnorm(build_model(method), seed=seed, size=size), "random (BatchNorm calibrated)"
+
+
+def make_decomposer(path: str, model, *, device: str, threads: int | None, fused_options: dict | None = None):
+    """The ``Decomposer`` that runs ``path``; raise :class:`PathUnavailable` with the reason
+    when it cannot run here."""
+    from sfs_fast.decomposer import Decomposer
+
+    if path == "eager":
+        return Decomposer(model, backend="eager", device=device, threads=threads)
+    if path in ("fused", "compile"):
+        return Decomposer(model, backend=path, device=device, threads=threads, optimizations=fused_options)
+    if path in ONNX_PRECISION:
+        try:
+            import onnxruntime  # noqa: F401
+        except ImportError as exc:
+            raise PathUnavailable(f"onnxruntime is not installed ({exc})") from exc
+        try:
+            from sfs_fast.export import OnnxRunner  # noqa: F401
+        except ImportError as exc:
+            raise PathUnavailable(f"sfs_fast.export.OnnxRunner is not available yet ({exc})") from exc
+        kwargs = {}
+        precision = ONNX_PRECISION[path]
+        if precision is not None:
+            if "precision" not in inspect.signature(Decomposer).parameters:
+                raise PathUnavailable(f"the Decomposer has no precision setting yet, so no {precision} ONNX path")
+            kwargs["precision"] = precision
+        try:
+            return Decomposer(model, backend="onnx", device=device, threads=threads, **kwargs)
+        except (ValueError, NotImplementedError) as exc:
+            raise PathUnavailable(str(exc).splitlines()[0]) from exc
+    raise ValueError(f"paths: unknown path {path!r}; choose from {', '.join(PATHS)}")
+
+
+def compare(outputs: dict, reference: dict) -> dict:
+    """Per output: max absolute difference and that difference over the reference's range
+    (max - min). ``max_abs`` and ``max_rel_range`` are the worst over all outputs."""
+    per = {}
+    for name, ref in reference.items():
+        if name not in outputs:
+            per[name] = {"max_abs": float("inf"), "rel_range": float("inf")}
+            continue
+        diff = float((outputs[name].float() - ref.float()).abs().max()) if ref.numel() else 0.0
+        span = float(ref.max() - ref.min()) if ref.numel() else 0.0
+        per[name] = {"max_abs": diff, "rel_range": diff / span if span > 0 else diff}
+    return {
+        "max_abs": max((v["max_abs"] for v in per.values()), default=0.0),
+        "max_rel_range": max((v["rel_range"] for v in per.values()), default=0.0),
+        "worst_output": max(per, key=lambda k: per[k]["rel_range"]) if per else None,
+        "per_output": per,
+    }
+
+
+def run_e2e(*, methods, batches, paths=DEFAULT_PATHS, device="cpu", threads=None, warmup=2, runs=20,
+            size=INPUT_SIZE, weights=None, fused_options=None, gemm_n=2048, log=print) -> dict:
+    """Benchmark every (method, batch, path); return the JSON-ready result (see README)."""
+    if size != INPUT_SIZE:
+        raise ValueError(f"size: the models and the Decomposer take {INPUT_SIZE}x{INPUT_SIZE} images, not {size}")
+    unknown = [p for p in paths if p not in PATHS]
+    if unknown:
+        raise ValueError(f"paths: unknown path(s) {', '.join(unknown)}; choose from {', '.join(PATHS)}")
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    threads = torch.get_num_threads()
+    log(f"measuring the fp32 GEMM rate ({gemm_n}^3, {threads} threads) ...")
+    gemm = measure_gemm_rate(gemm_n, device=device)
+    log(f"  {gemm['gflops_median']:.1f} GFLOP/s (median), {gemm['gflops_best']:.1f} best")
+    gen = torch.Generator().manual_seed(1234)
+    results, models = [], {}
+    for method in methods:
+        model, source = load_bench_model(method, weights)
+        flops = count_flops(model, size)
+        models[str(method)] = {"weights": source, "flops_per_image": flops,
+                               "parameters": sum(p.numel() for p in model.parameters())}
+        log(f"method {method}: {flops / 1e9:.2f} GFLOP per image, weights: {source}")
+        inputs = {b: [torch.rand(b, 3, size, size, generator=gen) for _ in range(ROTATED_INPUTS)] for b in batches}
+        reference = {}
+        cached = {}
+        for batch in batches:
+            floor_ms = compute_floor_ms(flops, batch, gemm["gflops_median"])
+            for path in paths:
+                row = {"method": method, "batch": batch, "path": path, "floor_ms": floor_ms}
+                results.append(row)
+                try:
+                    dec, setup_s = _decomposer_for(path, model, batch, cached, device, threads, fused_options)
+                except PathUnavailable as exc:
+                    row.update(status="skipped", reason=str(exc))
+                    log(f"  m{method} b{batch} {path:10s} skipped: {exc}")
+                    continue
+                except Exception as exc:  # a path that breaks must not sink the others
+                    row.update(status="failed", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                    log(f"  m{method} b{batch} {path:10s} FAILED to build: {row['reason']}")
+                    continue
+                try:
+                    t0 = time.perf_counter()
+                    outs = dec.decompose(inputs[batch][0])
+                    first_call_s = time.perf_counter() - t0
+                    if path == "eager":
+                        reference[batch] = outs
+                    ref = reference.get(batch)
+                    if ref is None:  # eager not among the paths: make the reference now
+                        ref = reference[batch] = make_decomposer("eager", model, device=device, threads=threads).decompose(inputs[batch][0])
+                    diff = compare(outs, ref)
+                    stats = time_calls(dec.decompose, inputs[batch], warmup=warmup, runs=runs, device=device)
+                except Exception as exc:
+                    row.update(status="failed", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+                    log(f"  m{method} b{batch} {path:10s} FAILED: {row['reason']}")
+                    continue
+                row.update(status="ok", reason=None, ms=stats, ms_per_image=stats["median"] / batch,
+                           setup_s=setup_s, first_call_s=first_call_s, diff=diff,
+                           ratio_to_floor=stats["median"] / floor_ms)
+                log(f"  m{method} b{batch} {path:10s} {stats['median']:9.1f} ms  ({stats['median'] / batch:7.1f} ms/img)"
+                    f"  x{stats['median'] / floor_ms:.2f} floor  max|diff| {diff['max_abs']:.2e}"
+                    f" ({100 * diff['max_rel_range']:.3f}% of range, {diff['worst_output']})")
+            cached = {k: v for k, v in cached.items() if k[1] is None}  # per-batch ones (compile) go
+    _add_speedups(results)
+    return {"kind": "e2e", "floor": {"gemm": gemm, "models": models,
+                                     "definition": "FLOPs per image (FlopCounterMode on the model) x batch / median fp32 GEMM rate"},
+            "fused_options": _fused_options(fused_options), "results": results}
+
+
+def _fused_options(overrides):
+    from sfs_fast.optimize import FUSED_OPTIONS
+
+    return {**FUSED_OPTIONS, **(overrides or {})}
+
+
+def _decomposer_for(path, model, batch, cached, device, threads, fused_options):
+    """Build (or reuse) the Decomposer of ``path``. torch.compile specialises on the batch
+    size, so compiled paths are built per batch with dynamo's caches reset; the others once
+    per method. Returns ``(decomposer, setup seconds)``."""
+    key = (path, batch if path == "compile" else None)
+    if key not in cached:
+        if path == "compile":
+            torch._dynamo.reset()
+        t0 = time.perf_counter()
+        cached[key] = (make_decomposer(path, model, device=device, threads=threads, fused_options=fused_options),
+                       time.perf_counter() - t0)
+    return cached[key]
+
+
+def _add_speedups(results):
+    eager = {(r["method"], r["batch"]): r["ms"]["median"] for r in results
+             if r["path"] == "eager" and r.get("status") == "ok"}
+    for r in results:
+        base = eager.get((r["method"], r["batch"]))
+        r["speedup_vs_eager"] = base / r["ms"]["median"] if r.get("status") == "ok" and base else None

@@ -1,0 +1,88 @@
+"""The environment a benchmark ran in, recorded in its JSON: CPU, cores, GPU, versions,
+threads, ONNX Runtime providers, dtype, load."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+
+import torch
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _cpu_flags() -> list[str]:
+    """The CPU features that decide which kernels run fast (AVX-512, VNNI, AMX)."""
+    wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_int8", "amx_tile")
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [w for w in wanted if w in flags]
+    except OSError:
+        pass
+    return []
+
+
+def _version(module: str):
+    try:
+        mod = __import__(module)
+        return getattr(mod, "__version__", "unknown")
+    except Exception:  # an optional dependency that is missing or broken is recorded as absent
+        return None
+
+
+def _ort_providers():
+    try:
+        import onnxruntime
+
+        return onnxruntime.get_available_providers()
+    except Exception:
+        return []
+
+
+def capture(*, device: str = "cpu", threads: int | None = None, dtype: str = "float32") -> dict:
+    """A dict describing this machine and run settings (JSON-serialisable)."""
+    gpu = None
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        gpu = {"name": props.name, "memory_gib": round(props.total_memory / 2 ** 30, 1),
+               "capability": f"{props.major}.{props.minor}", "cuda": torch.version.cuda}
+    try:
+        load = list(os.getloadavg())
+    except OSError:
+        load = None
+    return {
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S"),
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "cpu": _cpu_model(),
+        "cpu_flags": _cpu_flags(),
+        "cores": os.cpu_count(),
+        "gpu": gpu,
+        "device": device,
+        "threads": threads if threads is not None else torch.get_num_threads(),
+        "dtype": dtype,
+        "load_average": load,
+        "versions": {
+            "torch": torch.__version__,
+            "onnxruntime": _version("onnxruntime"),
+            "onnx": _version("onnx"),
+            "triton": _version("triton"),
+            "numpy": _version("numpy"),
+            "sfs_fast": _version("sfs_fast"),
+        },
+        "ort_providers": _ort_providers(),
+        "mkldnn": torch.backends.mkldnn.is_available(),
+    }
