@@ -1,0 +1,160 @@
+"""Lower-precision ONNX graphs: float16 and static int8 (ONNX Runtime quantization).
+
+- ``to_float16``: weights and activations in half, inputs and outputs kept float32
+  (``keep_io_types``), with onnxruntime's own converter
+  (``onnxruntime.transformers.float16``; the ``onnxconverter-common`` package is not needed).
+- ``quantize_int8``: static QDQ quantization, per-channel int8 weights, int8 activations
+  calibrated (MinMax) on a small image set. Only the convolutions of the trunk and heads are
+  quantized; the last 1x1 convolution of every head (their outputs *are* the normal,
+  albedo, residue, shading), the light's average and fully-connected layer, the upsampling
+  and the SH shading stay float32, because a quantization step there is an error in the
+  output itself. Dynamic int8 is not offered: it runs slower than fp32 on these models.
+
+Calibration images: the example faces of ``examples/faces`` (when the source tree is there)
+plus synthetic face-like pictures (:func:`face_like_images`).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .runner import INPUT_NAME, INPUT_SIZE
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "faces"
+
+
+def shading_nodes(proto) -> list[str]:
+    """Names of the nodes of the models' own ``forward`` (not of a submodule): the normal's
+    normalization, the SH shading, residue and reconstruction. The TorchScript exporter
+    names them ``/model/<Op>[_k]``; the Concats of trunk features are left out."""
+    return [n.name for n in proto.graph.node
+            if n.name.startswith("/model/") and n.name.count("/") == 2 and n.op_type != "Concat"]
+
+
+def to_float16(proto):
+    """A float16 copy of ``proto`` with float32 inputs and outputs. The output convolutions
+    and the shading (:func:`shading_nodes`) stay float32: normalizing a short normal vector
+    in half precision turns a 1e-3 error into a 1e-1 one."""
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    keep = output_convolutions(proto) + shading_nodes(proto)
+    wrapped = OnnxModel(proto)
+    wrapped.convert_float_to_float16(keep_io_types=True, node_block_list=keep)
+    # keep_io_types appends the input Casts after the nodes that read them: sort again.
+    wrapped.topological_sort()
+    return wrapped.model
+
+
+def face_like_images(batch: int, rng: np.random.Generator) -> np.ndarray:
+    """Synthetic ``[batch,3,128,128]`` float32 pictures in [0,1] with face statistics: a
+    smooth background, a skin-coloured ellipse lit by a random Lambertian light (sphere-like
+    normals), darker eye and mouth blobs and a little noise. For calibration and checks of
+    quantized graphs, whose activation ranges should look like real use."""
+    s = INPUT_SIZE
+    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / (s - 1) * 2 - 1
+    out = np.empty((batch, 3, s, s), np.float32)
+    for i in range(batch):
+        bg = rng.uniform(0.05, 0.9, 3).astype(np.float32)
+        grad = rng.uniform(-0.2, 0.2, 2).astype(np.float32)
+        img = bg[:, None, None] + grad[0] * xx + grad[1] * yy
+        cx, cy = rng.uniform(-0.1, 0.1, 2)
+        ax, ay = rng.uniform(0.55, 0.75), rng.uniform(0.7, 0.9)
+        u, v = (xx - cx) / ax, (yy - cy) / ay
+        r2 = u * u + v * v
+        inside = r2 < 1
+        nz = np.sqrt(np.clip(1 - r2, 0, 1))
+        light = rng.normal(size=3)
+        light[2] = abs(light[2]) + 0.5
+        light /= np.linalg.norm(light)
+        lambert = np.clip(u * light[0] + v * light[1] + nz * light[2], 0, 1)
+        skin = np.array([rng.uniform(0.55, 0.95), rng.uniform(0.35, 0.75), rng.uniform(0.25, 0.6)], np.float32)
+        face = skin[:, None, None] * (0.25 + 0.85 * lambert)
+        for ex, ey, rx, ry, dark in ((-0.35, -0.2, 0.15, 0.07, 0.35), (0.35, -0.2, 0.15, 0.07, 0.35),
+                                     (0.0, 0.45, 0.3, 0.08, 0.6)):
+            blob = ((u - ex) / rx) ** 2 + ((v - ey) / ry) ** 2 < 1
+            face = np.where(blob, face * dark, face)
+        img = np.where(inside, face, img)
+        img = img + rng.normal(0, 0.02, img.shape).astype(np.float32)
+        out[i] = np.clip(img, 0, 1)
+    return out
+
+
+def example_faces() -> np.ndarray:
+    """The example faces of the source tree as ``[N,3,128,128]`` float32 (N may be 0)."""
+    if not EXAMPLES.is_dir():
+        return np.zeros((0, 3, INPUT_SIZE, INPUT_SIZE), np.float32)
+    from sfs_fast.images import ImageError, load_image
+
+    faces = []
+    for p in sorted(EXAMPLES.iterdir()):
+        if "mask" in p.stem or p.suffix.lower() not in (".png", ".jpg", ".jpeg"):
+            continue
+        try:
+            faces.append(load_image(p)[0])
+        except ImageError:
+            continue
+    return np.stack(faces) if faces else np.zeros((0, 3, INPUT_SIZE, INPUT_SIZE), np.float32)
+
+
+def calibration_images(count: int = 16, seed: int = 1234) -> np.ndarray:
+    """The default int8 calibration set: the example faces, their mirror images, and
+    synthetic face-like pictures up to ``count`` images."""
+    faces = example_faces()
+    faces = np.concatenate([faces, faces[..., ::-1]])[:count]
+    rest = count - len(faces)
+    synth = face_like_images(rest, np.random.default_rng(seed)) if rest > 0 else faces[:0]
+    return np.ascontiguousarray(np.concatenate([faces, synth]).astype(np.float32))
+
+
+class _Batches:
+    """``CalibrationDataReader`` over an array, ``batch`` images a step."""
+
+    def __init__(self, images, batch):
+        self.images, self.batch, self.pos = images, batch, 0
+
+    def get_next(self):
+        if self.pos + self.batch > len(self.images):
+            return None
+        x = self.images[self.pos:self.pos + self.batch]
+        self.pos += self.batch
+        return {INPUT_NAME: np.ascontiguousarray(x)}
+
+    def rewind(self):
+        self.pos = 0
+
+
+def output_convolutions(proto) -> list[str]:
+    """Names of the Conv nodes whose output is one of the model's 3-channel maps (the last
+    1x1/3x3 convolution of every head): the weight initializer has 3 output channels."""
+    shapes = {t.name: list(t.dims) for t in proto.graph.initializer}
+    return [n.name for n in proto.graph.node
+            if n.op_type == "Conv" and len(n.input) > 1 and shapes.get(n.input[1], [0])[0] == 3]
+
+
+def quantize_int8(proto, calibration: np.ndarray, *, batch: int | None = None, exclude_outputs: bool = True):
+    """Static int8 QDQ quantization of ``proto``'s convolutions, calibrated on
+    ``calibration`` ``[N,3,128,128]`` float32. Returns the quantized ``ModelProto``."""
+    import onnx
+    from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quant_pre_process,
+                                          quantize_static)
+
+    calibration = np.asarray(calibration, np.float32)
+    if calibration.ndim != 4 or calibration.shape[1:] != (3, INPUT_SIZE, INPUT_SIZE) or len(calibration) == 0:
+        raise ValueError(f"calibration: expected [N,3,{INPUT_SIZE},{INPUT_SIZE}] images, got {list(calibration.shape)}")
+    step = batch or 1
+    if len(calibration) < step:
+        raise ValueError(f"calibration: {len(calibration)} images are fewer than the batch {step}")
+    with tempfile.TemporaryDirectory(prefix="sfs_fast_int8_") as folder:
+        src, pre, dst = (os.path.join(folder, f) for f in ("float.onnx", "pre.onnx", "int8.onnx"))
+        onnx.save(proto, src)
+        quant_pre_process(src, pre, skip_symbolic_shape=True)
+        excluded = output_convolutions(onnx.load(pre)) if exclude_outputs else []
+        quantize_static(pre, dst, _Batches(calibration, step), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=["Conv"], per_channel=True,
+                        activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=excluded,
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+        return onnx.load(dst)
