@@ -54,6 +54,14 @@ def _contig(t):
     return None if t is None else t.contiguous()
 
 
+MAX_BATCH = 65535  # the batch is the launch grid's second axis (grid.y), limited to 2^16 - 1
+
+
+def _check_batch(normal):
+    if normal.shape[0] > MAX_BATCH:
+        raise ValueError(f"normal: batch {normal.shape[0]} exceeds {MAX_BATCH}, the most one launch takes; split it")
+
+
 def _stream(device):
     return torch.cuda.current_stream(device).cuda_stream
 
@@ -61,6 +69,7 @@ def _stream(device):
 def forward(normal, light, residue, albedo, normalize: bool, beta: float):
     """``[B,3,H,W]`` normal/residue/albedo, ``[B,27]`` light -> (shading, recon or None), contiguous."""
     mod = load()
+    _check_batch(normal)
     normal, residue, albedo = _contig(normal), _contig(residue), _contig(albedo)
     light = light.to(_acc_dtype(normal.dtype)).contiguous()
     b, _, h, w = normal.shape
@@ -75,6 +84,7 @@ def forward(normal, light, residue, albedo, normalize: bool, beta: float):
 def backward(normal, light, residue, albedo, grad_shading, grad_recon, normalize: bool, beta: float):
     """Gradients ``(normal [B,3,H,W], light [B,27], residue or None, albedo or None)``."""
     mod = load()
+    _check_batch(normal)
     normal, residue, albedo = _contig(normal), _contig(residue), _contig(albedo)
     grad_shading = grad_shading.to(normal.dtype).contiguous()
     if albedo is not None:

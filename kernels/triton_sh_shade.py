@@ -193,8 +193,17 @@ def _contig(t):
     return None if t is None else t.contiguous()
 
 
+MAX_BATCH = 65535  # the batch is the launch grid's second axis (grid axis 1), limited to 2^16 - 1
+
+
+def _check_batch(normal):
+    if normal.shape[0] > MAX_BATCH:
+        raise ValueError(f"normal: batch {normal.shape[0]} exceeds {MAX_BATCH}, the most one launch takes; split it")
+
+
 def forward(normal, light, residue, albedo, normalize: bool, beta: float):
     """``[B,3,H,W]`` normal/residue/albedo, ``[B,27]`` light -> (shading, recon or None), contiguous."""
+    _check_batch(normal)
     normal, light, residue, albedo = _contig(normal), light.contiguous(), _contig(residue), _contig(albedo)
     b, _, h, w = normal.shape
     shading = torch.empty_like(normal, memory_format=torch.contiguous_format)
@@ -210,6 +219,7 @@ def forward(normal, light, residue, albedo, normalize: bool, beta: float):
 
 def backward(normal, light, residue, albedo, grad_shading, grad_recon, normalize: bool, beta: float):
     """Gradients ``(normal [B,3,H,W], light [B,27], residue or None, albedo or None)``."""
+    _check_batch(normal)
     normal, light, residue, albedo = _contig(normal), light.contiguous(), _contig(residue), _contig(albedo)
     grad_shading = grad_shading.to(normal.dtype).contiguous()
     if albedo is not None:

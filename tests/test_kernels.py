@@ -257,3 +257,19 @@ def test_cuda_binding_compiles(tmp_path):
 
 def test_backends_registry_lists_all():
     assert {"reference", "compile", "cpu", "triton", "cuda"} <= set(BACKENDS)
+
+
+def test_op_benchmark_runs_and_reports():
+    """The micro benchmark's plumbing (not its speed): rows, ratios, floor, error check, table."""
+    from sfs_fast.bench import op
+
+    result = op.run(shapes=[(2, 3, 8, 9)], backends=["reference", "cpu"], runs=2, warmup=1, threads=1)
+    assert [r["mode"] for r in result["rows"]] == list(op.MODES)
+    for row in result["rows"]:
+        assert row["floor_ms"] > 0 and row["bytes"] == op.op_bytes((2, 3, 8, 9), row["mode"])
+        cpu = row["backends"]["cpu"]
+        assert cpu["status"] == "ok" and cpu["max_rel_err"] <= 1e-5 and cpu["ms"]["runs"] == 2
+    table = op.format_table(result)
+    assert "floor" in table and "ref/cpu" in table
+    with pytest.raises(ValueError, match="backends"):
+        op.run(shapes=[(1, 3, 4, 4)], backends=["cuda"], runs=1, warmup=0, threads=1)
