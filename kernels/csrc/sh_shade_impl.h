@@ -45,24 +45,19 @@ static inline float half_to_float(uint16_t h) {
   return bits_to_float(float_to_bits(mag) | sign);
 }
 
-// float -> IEEE half, round to nearest even, overflow to inf.
+// float -> IEEE half, round to nearest even, overflow to inf. Every case is computed and the
+// answer selected (no branches), so loops that store halves still vectorize.
 static inline uint16_t float_to_half(float f) {
   const uint32_t u = float_to_bits(f);
   const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t au = u & 0x7fffffffu;
-  uint32_t out;
-  if (au >= 0x7f800000u) {                 // inf or nan
-    out = au > 0x7f800000u ? 0x7e00u : 0x7c00u;
-  } else if (au >= 0x477ff000u) {          // rounds to >= 65520 -> inf
-    out = 0x7c00u;
-  } else if (au < 0x38800000u) {           // below 2^-14: subnormal half (or zero)
-    // Adding 0.5 lets the FPU do the round-to-nearest-even at the 2^-24 position.
-    const float v = bits_to_float(au) + 0.5f;
-    out = float_to_bits(v) - 0x3f000000u;
-  } else {
-    const uint32_t mant_odd = (au >> 13) & 1u;
-    out = (au + 0xc8000fffu + mant_odd) >> 13;  // re-bias (-(112<<23)) and round
-  }
+  // Normal halves: re-bias the exponent (-(112 << 23)) and round at mantissa bit 13.
+  const uint32_t normal = (au + 0xc8000fffu + ((au >> 13) & 1u)) >> 13;
+  // Below 2^-14 (subnormal half or zero): adding 0.5 makes the FPU round at the 2^-24 position.
+  const uint32_t sub = float_to_bits(bits_to_float(au) + 0.5f) - 0x3f000000u;
+  uint32_t out = au < 0x38800000u ? sub : normal;
+  out = au >= 0x477ff000u ? 0x7c00u : out;                              // rounds to >= 65520: inf
+  out = au > 0x7f800000u ? 0x7e00u : out;                               // nan stays nan
   return (uint16_t)(out | sign);
 }
 
@@ -70,9 +65,9 @@ static inline float bf16_to_float(uint16_t b) { return bits_to_float((uint32_t)b
 
 static inline uint16_t float_to_bf16(float f) {
   const uint32_t u = float_to_bits(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);  // quiet nan
-  const uint32_t rounding = 0x7fffu + ((u >> 16) & 1u);
-  return (uint16_t)((u + rounding) >> 16);
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;     // round to nearest even
+  const uint32_t quiet_nan = (u >> 16) | 0x40u;
+  return (uint16_t)((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
 }
 
 template <typename T> struct Io;
