@@ -201,7 +201,7 @@ def test_killed_run_leaves_no_half_files(tmp_path, checkpoint):
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if any(out.glob("*_recon.npy")):
+        if any(not p.name.startswith(images.TEMP_PREFIX) for p in out.glob("*_recon.npy")):
             break
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
