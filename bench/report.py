@@ -8,7 +8,7 @@ import os
 import tempfile
 
 COLUMNS = ("method", "batch", "path", "median ms", "ms/img", "p10", "p90", "min",
-           "x eager", "x floor", "max|diff|", "diff % range", "note")
+           "x eager", "x floor", "max|diff|", "worst % range", "recon % range", "note")
 
 
 def write_json(result: dict, path) -> None:
@@ -46,7 +46,8 @@ def rows(result: dict) -> list[list[str]]:
     for r in result["results"]:
         label = r.get("label", r["path"])
         if r.get("status") != "ok":
-            out.append([str(r["method"]), str(r["batch"]), label] + ["-"] * 9 + [f"{r.get('status')}: {r.get('reason')}"])
+            out.append([str(r["method"]), str(r["batch"]), label] + ["-"] * (len(COLUMNS) - 4)
+                       + [f"{r.get('status')}: {r.get('reason')}"])
             continue
         ms, diff = r["ms"], r["diff"]
         note = []
@@ -57,6 +58,7 @@ def rows(result: dict) -> list[list[str]]:
             _fmt(ms["median"]), _fmt(ms["median"] / r["batch"]), _fmt(ms["p10"]), _fmt(ms["p90"]), _fmt(ms["min"]),
             _fmt(r.get("speedup_vs_eager"), ".2f"), _fmt(r.get("ratio_to_floor"), ".2f"),
             f"{diff['max_abs']:.1e}", f"{100 * diff['max_rel_range']:.3f} ({diff['worst_output']})",
+            f"{100 * diff['per_output']['recon']['rel_range']:.3f}" if "recon" in diff.get("per_output", {}) else "-",
             "; ".join(note),
         ])
     return out
@@ -70,6 +72,11 @@ def floor_lines(result: dict) -> list[str]:
     if gemm:
         lines.append(f"GEMM rate (fp32 {gemm['n']}^3, median of {gemm['ms']['runs']}): "
                      f"{gemm['gflops_median']:.1f} GFLOP/s (best {gemm['gflops_best']:.1f})")
+        groups = floor.get("gemm_per_group") or []
+        if len(groups) > 1:
+            rates = [g["gflops_median"] for g in groups]
+            lines.append(f"GEMM rate re-measured before each method/batch group: {min(rates):.1f}-{max(rates):.1f} GFLOP/s "
+                         "(each row's floor uses its group's rate; the ms/image below use the first)")
         for m, info in floor.get("models", {}).items():
             per_img = info["flops_per_image"] / (gemm["gflops_median"] * 1e9) * 1e3
             lines.append(f"method {m}: {info['flops_per_image'] / 1e9:.2f} GFLOP/image (counted) -> floor "
@@ -109,7 +116,9 @@ def markdown_table(result: dict, command: str | None = None) -> str:
     if command:
         out.append(f"- command: `{command}`")
     out.append("- x eager: eager median / path median (higher is faster); x floor: path median / floor "
-               "(1.00 = at the compute floor); diff: max |path - eager| over all outputs, and as % of eager's range.")
+               "(1.00 = at the compute floor); max|diff|: max |path - eager| over all outputs; worst % range: "
+               "the largest of max|diff| / (max - min of eager's output) over the outputs (and which); "
+               "recon % range: the same for the reconstruction.")
     return "\n".join(out) + "\n"
 
 

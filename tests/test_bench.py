@@ -62,7 +62,7 @@ def _check_rows(result, expected_paths, may_fail=()):
 
 
 def test_e2e_every_path_reports_a_diff_or_a_reason(tmp_path, capsys):
-    paths = ["eager", "fused", "onnx", "onnx-int8", "onnx-fp16"]
+    paths = ["eager", "fused", "onnx", "onnx-int8"]
     md, png = tmp_path / "t.md", tmp_path / "t.png"
     result, captured = _run_cli(tmp_path, capsys, "e2e", "--method", "0", "--batch", "1", "--paths", ",".join(paths),
                                 "--threads", "2", "--warmup", "0", "--runs", "2",
@@ -83,6 +83,21 @@ def test_e2e_every_path_reports_a_diff_or_a_reason(tmp_path, capsys):
     assert "| method | batch | path |" in text and "GFLOP/image" in text and "command: `sfs-bench e2e" in text
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "x floor" in captured.out  # the table goes to stdout
+
+
+def test_e2e_unavailable_path_is_skipped_with_its_reason(tmp_path, capsys, monkeypatch):
+    from sfs_fast.bench import e2e
+
+    def unavailable(*args, **kwargs):
+        raise e2e.PathUnavailable("no ONNX Runtime on this test machine")
+
+    monkeypatch.setattr(e2e, "_onnx_file_decomposer", unavailable)
+    result, captured = _run_cli(tmp_path, capsys, "e2e", "--method", "0", "--batch", "1", "--paths", "eager,onnx-fp16",
+                                "--warmup", "0", "--runs", "2")
+    _check_rows(result, ["eager", "onnx-fp16"])
+    row = next(r for r in result["results"] if r["path"] == "onnx-fp16")
+    assert row["status"] == "skipped" and row["reason"] == "no ONNX Runtime on this test machine"
+    assert "skipped: no ONNX Runtime" in captured.out
 
 
 @pytest.mark.slow
