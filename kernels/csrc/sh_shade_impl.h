@@ -11,6 +11,15 @@
 // Math (sfs_fast/sh.py is the definition): u = n / (|n| + 1e-8) (or n when !normalize),
 // Y = 9 SH basis values of u, s_c = Y . L[9c:9c+9] + res_c, recon_c = s_c * (alb_c - beta*res_c).
 
+// Every per-pixel helper is forced inline: in a translation unit holding 64 instantiations
+// GCC's inlining budget otherwise leaves some as calls, and a call stops vectorization
+// (measured: float16 forward 28 ms instead of 1.5 ms at 16x3x128x128).
+#if defined(__GNUC__)
+#define SFS_ALWAYS_INLINE static inline __attribute__((always_inline))
+#else
+#define SFS_ALWAYS_INLINE static inline
+#endif
+
 namespace {
 
 // The constants of sfs_fast/sh.py (C1..C5) as round-trip doubles.
@@ -27,27 +36,24 @@ constexpr int64_t kParallelGrain = 16384;
 struct Half { uint16_t bits; };
 struct BFloat16 { uint16_t bits; };
 
-static inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
-static inline uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+SFS_ALWAYS_INLINE float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+SFS_ALWAYS_INLINE uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
 
-// IEEE half -> float, exact, branch-free enough to vectorize.
-static inline float half_to_float(uint16_t h) {
+// IEEE half -> float, exact. Selects on bit patterns (not on floats) keep it branch-free.
+SFS_ALWAYS_INLINE float half_to_float(uint16_t h) {
   const uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
   const uint32_t rest = h & 0x7fffu;
-  // Normal numbers: re-bias the exponent by (127 - 15) << 23 after shifting.
-  const float normal = bits_to_float((rest << 13) + 0x38000000u);
-  // Subnormals: mantissa * 2^-24.
-  const float sub = (float)rest * 5.9604644775390625e-08f;
-  // Inf/NaN: all-ones exponent.
-  const float infnan = bits_to_float((rest << 13) | 0x7f800000u);
-  float mag = rest < 0x0400u ? sub : normal;
-  mag = rest >= 0x7c00u ? infnan : mag;
-  return bits_to_float(float_to_bits(mag) | sign);
+  const uint32_t normal = (rest << 13) + 0x38000000u;                   // re-bias by (127 - 15) << 23
+  const uint32_t sub = float_to_bits((float)(int32_t)rest * 5.9604644775390625e-08f);  // mantissa * 2^-24
+  const uint32_t infnan = (rest << 13) | 0x7f800000u;
+  uint32_t bits = rest < 0x0400u ? sub : normal;
+  bits = rest >= 0x7c00u ? infnan : bits;
+  return bits_to_float(bits | sign);
 }
 
 // float -> IEEE half, round to nearest even, overflow to inf. Every case is computed and the
 // answer selected (no branches), so loops that store halves still vectorize.
-static inline uint16_t float_to_half(float f) {
+SFS_ALWAYS_INLINE uint16_t float_to_half(float f) {
   const uint32_t u = float_to_bits(f);
   const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t au = u & 0x7fffffffu;
@@ -61,9 +67,9 @@ static inline uint16_t float_to_half(float f) {
   return (uint16_t)(out | sign);
 }
 
-static inline float bf16_to_float(uint16_t b) { return bits_to_float((uint32_t)b << 16); }
+SFS_ALWAYS_INLINE float bf16_to_float(uint16_t b) { return bits_to_float((uint32_t)b << 16); }
 
-static inline uint16_t float_to_bf16(float f) {
+SFS_ALWAYS_INLINE uint16_t float_to_bf16(float f) {
   const uint32_t u = float_to_bits(f);
   const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;     // round to nearest even
   const uint32_t quiet_nan = (u >> 16) | 0x40u;
@@ -73,28 +79,28 @@ static inline uint16_t float_to_bf16(float f) {
 template <typename T> struct Io;
 template <> struct Io<float> {
   using Acc = float;
-  static inline float load(const float* p, int64_t i) { return p[i]; }
-  static inline void store(float* p, int64_t i, float v) { p[i] = v; }
+  SFS_ALWAYS_INLINE float load(const float* p, int64_t i) { return p[i]; }
+  SFS_ALWAYS_INLINE void store(float* p, int64_t i, float v) { p[i] = v; }
 };
 template <> struct Io<double> {
   using Acc = double;
-  static inline double load(const double* p, int64_t i) { return p[i]; }
-  static inline void store(double* p, int64_t i, double v) { p[i] = v; }
+  SFS_ALWAYS_INLINE double load(const double* p, int64_t i) { return p[i]; }
+  SFS_ALWAYS_INLINE void store(double* p, int64_t i, double v) { p[i] = v; }
 };
 template <> struct Io<Half> {
   using Acc = float;
-  static inline float load(const Half* p, int64_t i) { return half_to_float(p[i].bits); }
-  static inline void store(Half* p, int64_t i, float v) { p[i].bits = float_to_half(v); }
+  SFS_ALWAYS_INLINE float load(const Half* p, int64_t i) { return half_to_float(p[i].bits); }
+  SFS_ALWAYS_INLINE void store(Half* p, int64_t i, float v) { p[i].bits = float_to_half(v); }
 };
 template <> struct Io<BFloat16> {
   using Acc = float;
-  static inline float load(const BFloat16* p, int64_t i) { return bf16_to_float(p[i].bits); }
-  static inline void store(BFloat16* p, int64_t i, float v) { p[i].bits = float_to_bf16(v); }
+  SFS_ALWAYS_INLINE float load(const BFloat16* p, int64_t i) { return bf16_to_float(p[i].bits); }
+  SFS_ALWAYS_INLINE void store(BFloat16* p, int64_t i, float v) { p[i].bits = float_to_bf16(v); }
 };
 
 // Unit normal and the 9 basis values of one pixel. Also returns d = |n| + eps and r = |n|.
 template <typename A, bool NORM>
-static inline void basis(A x, A y, A z, A* u, A* Y, A* inv_d, A* inv_r) {
+SFS_ALWAYS_INLINE void basis(A x, A y, A z, A* u, A* Y, A* inv_d, A* inv_r) {
   if (NORM) {
     const A r = std::sqrt(x * x + y * y + z * z);
     const A inv = A(1) / (r + A(kEps));
@@ -131,6 +137,7 @@ static void forward_row(const T* __restrict n, const T* __restrict res, const T*
   for (int64_t i = 0; i < W; ++i) {
     A u[3], Y[9], inv_d, inv_r;
     basis<A, NORM>(IO::load(n, i), IO::load(n, i + plane), IO::load(n, i + 2 * plane), u, Y, &inv_d, &inv_r);
+#pragma GCC unroll 3
     for (int c = 0; c < 3; ++c) {
       const int64_t j = i + c * plane;
       const A* Lc = Lr + 9 * c;
@@ -151,7 +158,7 @@ static void forward_row(const T* __restrict n, const T* __restrict res, const T*
 // Backward of one pixel. Writes grad_normal/residue/albedo at i and adds this pixel's light
 // gradient into acc[k * V + lane] (lane-strided so a block of V pixels vectorizes).
 template <typename T, bool RES, bool ALB, bool NORM, int V>
-static inline void backward_pixel(const T* __restrict n, const T* __restrict res, const T* __restrict alb,
+SFS_ALWAYS_INLINE void backward_pixel(const T* __restrict n, const T* __restrict res, const T* __restrict alb,
                                   const T* __restrict gs, const T* __restrict gr,
                                   const typename Io<T>::Acc* __restrict L, typename Io<T>::Acc beta,
                                   T* __restrict gn, T* __restrict gres, T* __restrict galb,
