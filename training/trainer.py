@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from sfs_fast import weights as weights_mod
+from sfs_fast.kernels import resolve_backend
 from sfs_fast.models import build_discriminator, build_model, init_weights, method_id
 from sfs_fast.training import losses as L
 from sfs_fast.training.data import build_splits
@@ -472,7 +473,8 @@ class Trainer:
         log(f"method {self.method} ({self.model.spec.slug}): {len(self.splits.train)} training samples, "
             f"{len(self.splits.val) if self.splits.val else 0} validation, "
             f"{len(self.splits.test) if self.splits.test else 0} test; frozen: {sorted(self.frozen) or 'none'}; "
-            f"shading backend {self.model.config.shading_backend}")
+            f"shading backend {self.model.config.shading_backend} "
+            f"({resolve_backend(self.model.config.shading_backend, self.device)})")
         while self.epoch < self.total_epochs:
             self._apply_freeze()
             self._real_iter, self._real_epoch = None, 0
@@ -558,7 +560,10 @@ class Trainer:
     def _metadata(self, record):
         o = self.opts
         meta = {"trained_by": "sfs-train", "command": o.command, "epoch": self.epoch, "step": self.step,
-                "stage": self.stage, "frozen_modules": sorted(self.frozen), "loaded_modules": sorted(self.loaded),
+                "stage": self.stage, "frozen_modules": sorted(self.frozen),
+                # Not "loaded_modules": weights.load reads that key as "the file holds only
+                # these"; a trained checkpoint holds every module.
+                "pretrained_modules": sorted(self.loaded),
                 "options": {k: v for k, v in asdict(o).items() if k != "command"}}
         if record is not None:
             meta["metrics"] = {"train": record.get("train"), "val": record.get("val"), "test": record.get("test")}
