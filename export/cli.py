@@ -23,8 +23,9 @@ NAME.failed.onnx) when an output differs by more than atol * max(1, max|output|)
   fp32: max difference, atol 1e-4
   fp16: max difference, atol 5e-2 (half weights and activations; float32 inputs,
         outputs, output convolutions and shading)
-  int8: mean difference, atol 5e-2 (static QDQ, per-channel int8 convolutions,
-        calibrated on the example faces and synthetic face-like images)
+  int8: mean difference, atol 1e-1 (static QDQ, per-channel int8 convolutions,
+        calibrated on the example faces and synthetic face-like images, checked on
+        fresh face-like images)
 Metadata (method, input layout and range, output names, SH and normal conventions, opset,
 precision, checkpoint sha256, versions, measured parity) is stored in the file's
 metadata_props and in NAME.json beside it.
@@ -63,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     prec.add_argument("--int8", action="store_true", help="static int8 quantization (QDQ, per-channel)")
     p.add_argument("--simplify", action=argparse.BooleanOptionalAction, default=True,
                    help="simplify the graph with onnxslim (default: on)")
-    p.add_argument("--atol", type=float, default=None, help="parity bound (default: 1e-4 fp32, 5e-2 fp16/int8)")
+    p.add_argument("--atol", type=float, default=None, help="parity bound (default: 1e-4 fp32, 5e-2 fp16, 1e-1 int8)")
     p.add_argument("--upsample", choices=["bilinear", "caffe"], default=None,
                    help="upsampling of the generation nets for random weights (checkpoints carry their own)")
     p.add_argument("--seed", type=int, default=None, help="seed of the verification inputs (default: fresh)")

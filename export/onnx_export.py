@@ -46,9 +46,10 @@ DEFAULT_OPSET = 17
 MIN_OPSET, MAX_OPSET = 13, 20
 PRECISIONS = ("fp32", "fp16", "int8")
 # Parity bounds (see the module docstring). fp16 keeps float32 inputs and outputs but runs
-# weights and activations in half (about 3 decimal digits); static int8 quantizes the
-# convolutions (per-channel weights, calibrated activations), about 1-2% of the range.
-DEFAULT_ATOL = {"fp32": 1e-4, "fp16": 5e-2, "int8": 5e-2}
+# weights and activations in half: measured max errors 1e-3 to 7e-3 on calibrated random
+# models, up to 4e-2 where raw normals are short. Static int8 quantizes the convolutions
+# (per-channel weights, calibrated activations): measured mean errors 0.3-6% of the range.
+DEFAULT_ATOL = {"fp32": 1e-4, "fp16": 5e-2, "int8": 1e-1}
 # Which error the bound applies to: the max over all pixels, or (int8) the mean. A quantized
 # trunk moves every feature a little; where a raw normal is short, normalizing it turns that
 # into a large change of direction at a few pixels, so int8's max error says little.

@@ -260,7 +260,7 @@ def test_int8_quantizes_the_trunk_and_keeps_outputs_float(exported, tmp_path):
     got, ref = dict(zip(names, sess.run(names, {"image": x}))), eager(model, x)
     for name in names:
         scale = max(1.0, float(np.abs(ref[name]).max()))
-        assert np.abs(got[name] - ref[name]).mean() <= 5e-2 * scale, name
+        assert np.abs(got[name] - ref[name]).mean() <= 1e-1 * scale, name
         assert not np.array_equal(got[name], ref[name])  # it really is another graph
 
 
