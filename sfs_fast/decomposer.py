@@ -10,6 +10,14 @@ Backends:
   upsampling, channels-last, the fused shading op (``sfs_fast.optimize``; each switchable).
 - ``compile``: ``torch.compile`` of the fused model (the first call compiles).
 - ``onnx``: an ONNX Runtime session (``sfs_fast.export.OnnxRunner``) on an exported file.
+
+Precisions (``precision=``, see :mod:`sfs_fast.precision`): ``fp32``; ``bf16`` (fused or
+compile: a bf16 copy of the fused model whose input convolution, 3-channel output
+convolutions and light layer stay float32, so shading and reconstruction run in float32);
+``fp16`` (the same on CUDA; an fp16 ONNX file with backend onnx); ``int8`` (backend onnx:
+static QDQ int8, :func:`sfs_fast.export.precision.quantize_int8`); ``auto``: the fastest
+pair of :func:`sfs_fast.precision.auto_candidates` that meets the accuracy budget against
+float32 on :func:`sfs_fast.precision.check_images` (``dec.auto_report`` says what was tried).
 """
 from __future__ import annotations
 
@@ -37,13 +45,22 @@ class Decomposer:
             the model when omitted).
         backend: one of ``eager``, ``fused``, ``compile``, ``onnx``.
         device: ``cpu`` or ``cuda``.
+        precision: ``fp32`` (default), ``bf16``, ``fp16``, ``int8`` or ``auto`` (module
+            docstring); for an ``onnx`` file the file's own precision when None.
         threads: intra-op threads (torch and ONNX Runtime); None keeps the default.
         optimizations: overrides of :data:`sfs_fast.optimize.FUSED_OPTIONS` for the ``fused``
             and ``compile`` backends (e.g. ``{"channels_last": False}``), to measure each one.
     """
 
-    def __init__(self, model=None, *, method=None, weights=None, onnx=None, backend="fused",
-                 device="cpu", threads=None, optimizations=None):
+    def __init__(self, model=None, *, method=None, weights=None, onnx=None, backend=None,
+                 device="cpu", threads=None, optimizations=None, precision=None):
+        from sfs_fast import precision as precision_mod
+
+        file_only = onnx is not None and model is None and weights is None
+        if backend is None and file_only:
+            backend = "onnx"
+        if not (file_only and precision is None):
+            backend, precision = precision_mod.resolve(precision, backend, device)
         if backend not in BACKENDS:
             raise ValueError(f"backend: unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
         self.backend = backend
@@ -55,7 +72,14 @@ class Decomposer:
         self.threads = threads
         self.optimizations = dict(optimizations or {})
         self.runner = None
-        if backend == "onnx" and onnx is not None and model is None and weights is None:
+        self.precision = precision
+        self.auto_report = None
+        if precision == "auto":
+            if file_only:
+                raise ValueError("precision: auto needs a model or weights (an .onnx file has its own precision)")
+            self._choose_auto(self._resolve_model(model, method, weights), backend, onnx)
+            return
+        if backend == "onnx" and file_only:
             from sfs_fast.export import OnnxRunner
 
             self.runner = OnnxRunner(onnx, device=self.device.type, threads=threads)
@@ -64,6 +88,10 @@ class Decomposer:
                 raise ValueError(f"onnx: {onnx} holds method {self.method}, not method {method_id(method)}")
             self.model = None
             self.output_names = list(self.runner.output_names)
+            file_precision = self.runner.metadata.get("precision", "fp32")
+            if self.precision is not None and self.precision != file_precision:
+                raise ValueError(f"precision: {onnx} is a {file_precision} export, not {self.precision}")
+            self.precision = file_precision
             return
         self.model = self._resolve_model(model, method, weights)
         self.method = self.model.method
@@ -97,14 +125,52 @@ class Decomposer:
         if self.backend == "onnx":
             from sfs_fast.export import OnnxRunner
 
-            self.runner = OnnxRunner.from_model(model, path=onnx, device=self.device.type, threads=self.threads)
+            self.runner = OnnxRunner.from_model(model, path=onnx, device=self.device.type, threads=self.threads,
+                                                precision=self.precision)
             return None
         fused = optimize_for_inference(model, **self.optimizations)
+        if self.precision in ("bf16", "fp16"):
+            from sfs_fast.precision import TORCH_DTYPES, capabilities, to_low_precision
+
+            if not capabilities(self.device)[self.precision]:
+                warnings.warn(f"{self.precision} has no hardware support on this {self.device.type} "
+                              "(emulated: slower than fp32)", stacklevel=4)
+            fused = to_low_precision(fused, TORCH_DTYPES[self.precision])
         if self.backend == "compile":
             fused = torch.compile(fused)
         if not {**FUSED_OPTIONS, **self.optimizations}["channels_last"]:
             return lambda x: fused(x)
         return lambda x: fused(x.contiguous(memory_format=torch.channels_last))
+
+    def _choose_auto(self, model, backend, onnx):
+        """Take the first :func:`~sfs_fast.precision.auto_candidates` pair whose outputs on
+        the check images meet the accuracy budget against float32 (fp32 always does)."""
+        from sfs_fast import precision as precision_mod
+        from sfs_fast.precision import auto_candidates, check_budget, check_images, reference_outputs
+
+        images = check_images(precision_mod.AUTO_CHECK_IMAGES)
+        reference = reference_outputs(model, images)
+        tried, chosen = [], None
+        for cand_backend, cand_precision in auto_candidates(backend, self.device):
+            try:
+                cand = Decomposer(model, backend=cand_backend, precision=cand_precision, device=self.device,
+                                  threads=self.threads, optimizations=self.optimizations,
+                                  onnx=onnx if cand_backend == "onnx" else None)
+                report = check_budget(cand.decompose(images), reference)
+            except Exception as exc:  # a path that cannot be built here is not chosen
+                report = {"passed": False, "metrics": {}, "failures": [f"{type(exc).__name__}: {str(exc)[:200]}"]}
+                cand = None
+            tried.append({"backend": cand_backend, "precision": cand_precision, **report})
+            # fp32 is the reference precision: accepted even where reordered sums differ
+            if cand is not None and (report["passed"] or cand_precision == "fp32"):
+                chosen = cand
+                break
+        if chosen is None:
+            raise ValueError("precision auto: no path could be built here: "
+                             + "; ".join(f"{t['backend']}-{t['precision']}: {t['failures']}" for t in tried))
+        self.__dict__.update({k: v for k, v in chosen.__dict__.items() if k != "auto_report"})
+        self.auto_report = {"chosen": {"backend": cand_backend, "precision": cand_precision}, "tried": tried,
+                            "images": len(images)}
 
     def decompose(self, images) -> dict:
         """Decompose a batch: ``images`` ``[B,3,128,128]`` float RGB in [0,1] (tensor or

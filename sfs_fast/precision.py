@@ -1,0 +1,350 @@
+"""Low-precision inference: the accuracy budget, what the hardware supports, and the
+PyTorch low-precision models the ``Decomposer`` runs.
+
+    report = check_budget(outputs, reference)     # both {name: tensor}; reference is fp32
+    report["passed"], report["metrics"]["normal_p99_deg"], report["failures"]
+    capabilities("cpu")                           # {"bf16": True, "int8": True, ...} + why
+    with forced_capabilities(bf16=False):         # pretend a CPU without AMX (tests)
+        ...
+
+Precisions (``PRECISIONS``): ``fp32``; ``bf16`` (PyTorch: CPU with AMX / AVX512-BF16, or
+CUDA); ``fp16`` (PyTorch on CUDA; ONNX Runtime); ``int8`` (ONNX Runtime static QDQ, the
+quantization of :mod:`sfs_fast.export.precision`); ``auto`` (the fastest path the device
+supports that meets the budget on check images, decided by the ``Decomposer``).
+
+The accuracy budget (:data:`BUDGET`), against the float32 outputs of the same weights on
+the same images:
+
+- ``normal``: angle between the unit normals per pixel, median <= 1 degree, 99th
+  percentile <= 3 degrees;
+- ``albedo``, ``shading``, ``recon``: max |x - x_fp32| <= 1% of the fp32 range (max - min
+  over the batch);
+- ``light``: ``|L - L_fp32| / |L_fp32|`` per image (27 coefficients), max over the batch
+  <= 1%.
+
+Outputs a method does not have are skipped; the other outputs (``residue``,
+``sh_shading``, ...) are measured the same way as the images and reported, not gated.
+
+This module imports torch only (the ONNX parts live in :mod:`sfs_fast.export.precision`).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+PRECISIONS = ("fp32", "bf16", "fp16", "int8", "auto")
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+BUDGET = {
+    "normal_median_deg": 1.0,
+    "normal_p99_deg": 3.0,
+    "range_fraction": 0.01,  # albedo, shading, recon: max abs error / fp32 range
+    "light_rel": 0.01,
+}
+RANGE_GATED = ("albedo", "shading", "recon")
+
+
+# ---------------------------------------------------------------------------------------
+# The accuracy budget
+
+
+def _unit(n: torch.Tensor) -> torch.Tensor:
+    n = n.double()
+    return n / (n * n).sum(1, keepdim=True).sqrt().clamp_min(1e-12)
+
+
+def normal_angles_deg(normal: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per-pixel angle in degrees (float64, flattened) between two ``[B,3,H,W]`` normal
+    maps (each normalized here, so raw maps work too)."""
+    cos = (_unit(normal) * _unit(reference)).sum(1).clamp(-1.0, 1.0)
+    return torch.rad2deg(torch.acos(cos)).flatten()
+
+
+def check_budget(outputs: dict, reference: dict, budget: dict | None = None) -> dict:
+    """Compare ``outputs`` (any precision) with the float32 ``reference`` of the same
+    model and images: ``{"passed": bool, "metrics": {...}, "failures": [str, ...]}``.
+
+    Metrics: ``normal_median_deg``, ``normal_p99_deg``, ``light_rel`` (max over images of
+    ``|L - L_ref| / |L_ref|``), and ``<name>_range`` = ``max|x - x_ref| / (max - min of
+    x_ref)`` for every other output the two dicts share. A non-finite output fails.
+    """
+    limits = {**BUDGET, **(budget or {})}
+    metrics, failures = {}, []
+
+    def gate(key, value, limit):
+        metrics[key] = value
+        if not value <= limit:  # NaN fails too
+            failures.append(f"{key} {value:.4g} > {limit:g}")
+
+    for name, ref in reference.items():
+        if name not in outputs:
+            continue
+        got = torch.as_tensor(outputs[name]).detach().cpu().double()
+        ref = torch.as_tensor(ref).detach().cpu().double()
+        if got.shape != ref.shape:
+            failures.append(f"{name}: shape {tuple(got.shape)} vs {tuple(ref.shape)}")
+            continue
+        if not torch.isfinite(got).all():
+            failures.append(f"{name}: non-finite values")
+            metrics[f"{name}_nonfinite"] = True
+            continue
+        if name == "normal":
+            median, p99 = np.percentile(normal_angles_deg(got, ref).numpy(), [50, 99])
+            gate("normal_median_deg", float(median), limits["normal_median_deg"])
+            gate("normal_p99_deg", float(p99), limits["normal_p99_deg"])
+        elif name == "light":
+            err = (got - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1).clamp_min(1e-12)
+            gate("light_rel", float(err.max()), limits["light_rel"])
+        elif ref.numel():
+            span = float(ref.max() - ref.min())
+            err = float((got - ref).abs().max())
+            value = err / span if span > 0 else (0.0 if err == 0 else math.inf)
+            if name in RANGE_GATED:
+                gate(f"{name}_range", value, limits["range_fraction"])
+            else:
+                metrics[f"{name}_range"] = value
+    return {"passed": not failures, "metrics": metrics, "failures": failures, "budget": limits}
+
+
+def format_metrics(report: dict) -> str:
+    """One line: the gated metrics of a :func:`check_budget` report."""
+    m = report["metrics"]
+    parts = []
+    if "normal_median_deg" in m:
+        parts.append(f"normal {m['normal_median_deg']:.3f}/{m['normal_p99_deg']:.3f} deg (median/p99)")
+    for name in RANGE_GATED:
+        if f"{name}_range" in m:
+            parts.append(f"{name} {100 * m[f'{name}_range']:.3f}%")
+    if "light_rel" in m:
+        parts.append(f"light {100 * m['light_rel']:.3f}%")
+    parts.append("ok" if report["passed"] else "FAIL: " + "; ".join(report["failures"]))
+    return ", ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------
+# What the hardware supports
+
+_FORCED: dict = {}
+
+
+def cpu_flags() -> set:
+    """The CPU feature flags of ``/proc/cpuinfo`` (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@contextlib.contextmanager
+def forced_capabilities(**caps):
+    """Override :func:`capabilities` inside the block, e.g. ``forced_capabilities(bf16=False)``
+    to act as a CPU without AMX. The environment variable ``SFS_FAST_FORCE_CAPS`` (e.g.
+    ``bf16=0,int8=0``) does the same for a whole process."""
+    saved = dict(_FORCED)
+    _FORCED.update({k: bool(v) for k, v in caps.items()})
+    try:
+        yield
+    finally:
+        _FORCED.clear()
+        _FORCED.update(saved)
+
+
+def _env_forced() -> dict:
+    text = os.environ.get("SFS_FAST_FORCE_CAPS", "")
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        key, _, value = item.partition("=")
+        out[key.strip()] = value.strip().lower() not in ("0", "false", "no", "off")
+    return out
+
+
+def capabilities(device="cpu") -> dict:
+    """Which precisions run *fast* on ``device`` (they all run correctly anywhere PyTorch
+    runs them, but bf16 without hardware support is emulated and slower than fp32).
+
+    Returns ``{"fp32": True, "bf16": bool, "fp16": bool, "int8": bool, "why": {..}}``:
+    - CPU: bf16 with ``amx_bf16`` or ``avx512_bf16`` (``/proc/cpuinfo``, else torch's
+      oneDNN check); int8 (ONNX Runtime) with ``amx_int8``, ``avx512_vnni`` or
+      ``avx_vnni`` (without VNNI its u8s8 kernels can saturate); fp16 off (no fast CPU path).
+    - CUDA: fp16 always; bf16 where ``torch.cuda.is_bf16_supported()``; int8 off.
+    :func:`forced_capabilities` and ``SFS_FAST_FORCE_CAPS`` override the result.
+    """
+    kind = torch.device(device).type
+    if kind == "cuda":
+        bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+        caps = {"fp32": True, "bf16": bf16, "fp16": torch.cuda.is_available(), "int8": False,
+                "why": {"bf16": "torch.cuda.is_bf16_supported()", "fp16": "CUDA", "int8": "no CUDA int8 path"}}
+    else:
+        flags = cpu_flags()
+        bf16_flags = sorted(flags & {"amx_bf16", "avx512_bf16"})
+        if not flags:  # no /proc/cpuinfo: ask oneDNN
+            try:
+                bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+            except (AttributeError, RuntimeError):
+                bf16 = False
+            bf16_why = f"torch oneDNN bf16 check ({torch.backends.cpu.get_cpu_capability()})"
+        else:
+            bf16 = bool(bf16_flags)
+            bf16_why = ", ".join(bf16_flags) if bf16_flags else "no amx_bf16/avx512_bf16 in /proc/cpuinfo"
+        int8_flags = sorted(flags & {"amx_int8", "avx512_vnni", "avx_vnni"})
+        caps = {"fp32": True, "bf16": bf16, "fp16": False, "int8": bool(int8_flags),
+                "why": {"bf16": bf16_why,
+                        "int8": ", ".join(int8_flags) if int8_flags else "no VNNI/AMX-int8 in /proc/cpuinfo",
+                        "fp16": "no fast fp16 convolution on the CPU"}}
+    for key, value in {**_env_forced(), **_FORCED}.items():
+        if key in caps:
+            caps[key] = value
+            caps["why"][key] = "forced"
+    return caps
+
+
+# ---------------------------------------------------------------------------------------
+# PyTorch low-precision models
+
+
+def _cast_inputs_to_weight(module, args):
+    """Forward pre-hook: floating inputs take the dtype of the module's weight, so float32
+    islands and low-precision layers can follow each other."""
+    dtype = module.weight.dtype
+    return tuple(a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() and a.dtype != dtype
+                 else a for a in args)
+
+
+def float_islands(model: nn.Module) -> list[str]:
+    """Names of the layers kept in float32 by :func:`to_low_precision`: every convolution
+    with 3 output channels (the last layer of each head: its output *is* the normal,
+    albedo, residue or shading), the convolution that reads the image (3 input channels:
+    the picture is not rounded to 8 mantissa bits), and the light's fully-connected layer.
+    A rounding step there is an error in the output itself; together they are about 1% of
+    the FLOPs. (Measured on a partly trained method-0 checkpoint: the input convolution in
+    float32 takes the shading error from 1.6% to 0.9% of its range.)"""
+    names = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d) and (m.out_channels == 3 or m.in_channels == 3):
+            names.append(name)
+        elif isinstance(m, nn.Linear):
+            names.append(name)
+    return names
+
+
+def to_low_precision(model: nn.Module, dtype: torch.dtype, *, keep_float: bool = True) -> nn.Module:
+    """A copy of ``model`` with weights in ``dtype`` (bf16 or fp16), except the
+    :func:`float_islands` when ``keep_float``. Every convolution and linear layer casts its
+    input to its weight's dtype, so the islands return float32 and what follows them (the
+    normal's normalization, the SH shading op, the reconstruction) runs in float32. The
+    caller passes the image in ``dtype``. Memory format and rewrites of ``model`` are kept.
+    """
+    out = copy.deepcopy(model).eval().to(dtype)
+    keep = set(float_islands(out)) if keep_float else set()
+    for name, m in out.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear, nn.ConvTranspose2d, nn.BatchNorm2d)) and m.weight is not None:
+            if name in keep:
+                m.float()
+            m.register_forward_pre_hook(_cast_inputs_to_weight)
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Which backend runs which precision, and the ``auto`` choice
+
+# The paths ``auto`` tries, fastest first (measured on this machine: ``sfs-bench accuracy``
+# / ``sfs-bench e2e``); each is taken only where :func:`capabilities` says the hardware has
+# it and only when it meets the budget on the check images. fp32 closes every list.
+AUTO_ORDER = {
+    "cpu": (("onnx", "int8"), ("fused", "bf16"), ("fused", "fp32")),
+    "cuda": (("fused", "fp16"), ("fused", "bf16"), ("fused", "fp32")),
+}
+
+
+def resolve(precision: str | None, backend: str | None, device="cpu") -> tuple[str, str]:
+    """``(backend, precision)`` once defaults are filled in, or ValueError for a pair that
+    does not exist. ``precision`` None means fp32; ``backend`` None means ``fused``, or
+    ``onnx`` for int8 (ONNX Runtime is the int8 path). ``auto`` is returned as is."""
+    precision = precision or "fp32"
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision: unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if backend is None:
+        backend = "onnx" if precision == "int8" else "fused"
+    kind = torch.device(device).type
+    if precision in ("fp32", "auto"):
+        return backend, precision
+    if backend == "eager":
+        raise ValueError(f"precision: the eager backend is the float32 baseline; run {precision} with "
+                         "backend fused, compile or onnx")
+    if precision == "int8" and backend != "onnx":
+        raise ValueError("precision: int8 runs through ONNX Runtime (static QDQ); use backend onnx")
+    if precision == "int8" and kind == "cuda":
+        raise ValueError("precision: int8 is a CPU path (ONNX Runtime CPU provider); use fp16 or bf16 on CUDA")
+    if precision == "bf16" and backend == "onnx":
+        raise ValueError("precision: bf16 is a PyTorch path; use backend fused or compile (or int8/fp16 with onnx)")
+    if precision == "fp16" and backend != "onnx" and kind != "cuda":
+        raise ValueError("precision: PyTorch fp16 needs CUDA (the CPU has no fast fp16 convolution); "
+                         "use bf16 on the CPU, or backend onnx for an fp16 ONNX file")
+    return backend, precision
+
+
+def auto_candidates(backend: str | None, device="cpu") -> list[tuple[str, str]]:
+    """The ``(backend, precision)`` pairs ``auto`` tries on ``device``, fastest first: those
+    of :data:`AUTO_ORDER` the hardware supports (:func:`capabilities`), restricted to
+    ``backend`` when one is given (``compile`` takes the ``fused`` entries), fp32 last."""
+    kind = torch.device(device).type
+    caps = capabilities(device)
+    out = []
+    for cand_backend, prec in AUTO_ORDER.get(kind, AUTO_ORDER["cpu"]):
+        if prec != "fp32" and not caps.get(prec, False):
+            continue
+        if backend is not None:
+            if backend == "eager":
+                break
+            if (cand_backend == "onnx") != (backend == "onnx"):
+                continue
+            cand_backend = backend
+        if prec == "int8":
+            try:
+                import onnxruntime  # noqa: F401
+            except ImportError:
+                continue
+        out.append((cand_backend, prec))
+    fallback = (backend or "fused", "fp32")
+    if fallback not in out:
+        out.append(fallback)
+    return out
+
+
+AUTO_CHECK_IMAGES = 8  # images ``auto`` checks each candidate on
+
+
+def check_images(count: int = AUTO_CHECK_IMAGES, seed: int = 0) -> torch.Tensor:
+    """The images ``auto`` and ``sfs-bench accuracy`` check a path on: the bundled example
+    faces (``examples/faces`` of the source tree; may be absent in an installed package)
+    and procedural synthetic faces, ``[count,3,128,128]`` float32. They share nothing with
+    the int8 calibration set of :mod:`sfs_fast.export.precision` beyond the example faces."""
+    import numpy as np
+
+    from sfs_fast.export.precision import example_faces, face_like_images
+
+    faces = example_faces()[: max(count - 2, 0)]
+    synth = face_like_images(count - len(faces), np.random.default_rng(10_000 + seed))
+    return torch.from_numpy(np.ascontiguousarray(np.concatenate([faces, synth]).astype(np.float32)))
+
+
+def reference_outputs(model: nn.Module, images: torch.Tensor) -> dict:
+    """The float32 outputs of ``model`` (as built, CPU, reference shading) on ``images``:
+    what every low-precision path is held against."""
+    from sfs_fast.models import build_model
+
+    ref = build_model(model.method, **{**model.config.to_dict(), "shading_backend": "reference"})
+    ref.load_state_dict(model.state_dict())
+    ref = ref.float().cpu().eval()
+    with torch.inference_mode():
+        return {k: v.float() for k, v in ref(images.float()).items()}
