@@ -6,6 +6,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <stdexcept>
 #include <string>
 
@@ -27,10 +28,15 @@ struct Variant {
   Kernel backward;
 };
 
+// The widest variant the CPU runs; SFS_FAST_CPU_ISA=generic|avx2 asks for a narrower one
+// (tests use it to check every variant on one machine).
 Variant pick_variant() {
+  const char* want_env = std::getenv("SFS_FAST_CPU_ISA");
+  const std::string want = want_env ? want_env : "";
+  if (want == "generic") return {"generic", sfs::forward_generic, sfs::backward_generic};
 #if defined(SFS_HAVE_X86_VARIANTS)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+  if (want != "avx2" && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
       __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
     return {"avx512", sfs::forward_avx512, sfs::backward_avx512};
