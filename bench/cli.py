@@ -46,11 +46,13 @@ def _names(text: str) -> list[str]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Paths (e2e): eager, fused, compile, onnx, onnx-int8, onnx-fp16. "
+                                epilog="Paths (e2e, accuracy): eager, fused, compile, onnx, onnx-int8, onnx-fp16, bf16, "
+                                       "compile-bf16, fp16 (CUDA), tensorrt. "
                                        "Train paths: reference, fused. A path that cannot run here is "
                                        "listed as skipped with the reason.")
-    p.add_argument("kind", nargs="?", default="e2e", choices=("e2e", "op", "train"),
-                   help="what to measure (default e2e)")
+    p.add_argument("kind", nargs="?", default="e2e", choices=("e2e", "op", "train", "accuracy"),
+                   help="what to measure (default e2e); accuracy: every precision path against fp32 on the "
+                        "example faces and synthetic faces, budget metrics beside the time")
     p.add_argument("--method", type=_methods, default=[0], metavar="N|all",
                    help="method id(s), comma-separated, or 'all' (default 0)")
     p.add_argument("--batch", type=_int_list, default=None, metavar="B[,B..]",
@@ -112,6 +114,13 @@ def _run(args) -> int:
                          device=args.device, threads=args.threads, warmup=args.warmup, runs=args.runs,
                          size=args.size, weights=args.weights, fused_options=fused_options,
                          gemm_n=args.gemm_size, log=log)
+    elif args.kind == "accuracy":
+        from .accuracy import DEFAULT_PATHS as ACCURACY_PATHS, format_table, run_accuracy
+
+        result = run_accuracy(methods=args.method, paths=args.paths or ACCURACY_PATHS, device=args.device,
+                              threads=args.threads, warmup=args.warmup, runs=args.runs, weights=args.weights,
+                              log=log)
+        result["text"] = format_table(result)
     elif args.kind == "train":
         from .train import TRAIN_PATHS, run_train
 
@@ -134,7 +143,11 @@ def _run(args) -> int:
     if args.json:
         report.write_json(result, args.json)
     if args.markdown:
-        if "results" in result and result.get("kind") in ("e2e", "train"):
+        if result.get("kind") == "accuracy":
+            from .accuracy import markdown
+
+            report._write_atomic(args.markdown, markdown(result, command=result["command"]))
+        elif "results" in result and result.get("kind") in ("e2e", "train"):
             report.write_markdown(result, args.markdown, command=result["command"])
         else:
             report._write_atomic(args.markdown, "```\n" + result.get("text", "") + "\n```\n")

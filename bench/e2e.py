@@ -21,8 +21,10 @@ import torch
 from .floors import compute_floor_ms, count_flops, measure_gemm_rate
 from .timing import time_calls
 
-PATHS = ("eager", "fused", "compile", "onnx", "onnx-int8", "onnx-fp16")
-DEFAULT_PATHS = ("eager", "fused", "compile", "onnx", "onnx-int8")
+PATHS = ("eager", "fused", "compile", "onnx", "onnx-int8", "onnx-fp16", "bf16", "compile-bf16", "fp16", "tensorrt")
+DEFAULT_PATHS = ("eager", "fused", "compile", "onnx", "onnx-int8", "bf16")
+# PyTorch low-precision paths (sfs_fast.precision): path -> (Decomposer backend, precision)
+TORCH_PRECISION = {"bf16": ("fused", "bf16"), "compile-bf16": ("compile", "bf16"), "fp16": ("fused", "fp16")}
 ONNX_PRECISION = {"onnx": "fp32", "onnx-int8": "int8", "onnx-fp16": "fp16"}
 INPUT_SIZE = 128
 ROTATED_INPUTS = 3
@@ -87,6 +89,26 @@ def make_decomposer(path: str, model, *, device: str, threads: int | None, fused
         return Decomposer(model, backend="eager", device=device, threads=threads)
     if path in ("fused", "compile"):
         return Decomposer(model, backend=path, device=device, threads=threads, optimizations=fused_options)
+    if path in TORCH_PRECISION:
+        from sfs_fast.precision import capabilities, resolve
+
+        backend, precision = TORCH_PRECISION[path]
+        try:
+            resolve(precision, backend, device)
+        except ValueError as exc:
+            raise PathUnavailable(str(exc).removeprefix("precision: ")) from exc
+        caps = capabilities(device)
+        if not caps[precision]:
+            raise PathUnavailable(f"no {precision} hardware on this {device} ({caps['why'][precision]})")
+        return Decomposer(model, backend=backend, precision=precision, device=device, threads=threads,
+                          optimizations=fused_options)
+    if path == "tensorrt":
+        import onnxruntime
+
+        if "TensorrtExecutionProvider" not in onnxruntime.get_available_providers():
+            raise PathUnavailable("onnxruntime has no TensorrtExecutionProvider here")
+        dec = _onnx_file_decomposer(model, "fp16", device="cuda", threads=threads, provider_device="tensorrt")
+        return dec
     if path in ONNX_PRECISION:
         try:
             import onnxruntime  # noqa: F401
@@ -100,7 +122,7 @@ def make_decomposer(path: str, model, *, device: str, threads: int | None, fused
     raise ValueError(f"paths: unknown path {path!r}; choose from {', '.join(PATHS)}")
 
 
-def _onnx_file_decomposer(model, precision: str, *, device: str, threads):
+def _onnx_file_decomposer(model, precision: str, *, device: str, threads, provider_device=None):
     """Export ``model`` at ``precision`` (``fp32``, ``fp16``, ``int8``) to a temporary file
     and open it through the Decomposer's ``onnx`` backend. The exporter's own parity gate is
     opened wide: this benchmark compares every path with eager itself, in the same run, and
@@ -121,7 +143,12 @@ def _onnx_file_decomposer(model, precision: str, *, device: str, threads):
             export_onnx(model, target, precision=precision, atol=1e6, verify_batches=(1,), sidecar=False, log=None)
         except TypeError as exc:  # an exporter without the precision setting
             raise PathUnavailable(f"the ONNX exporter cannot write {precision} ({exc})") from exc
-        return Decomposer(onnx=target, backend="onnx", method=model.method, device=device, threads=threads)
+        dec = Decomposer(onnx=target, backend="onnx", method=model.method, device=device, threads=threads)
+        if provider_device is not None:  # e.g. TensorRT: the same file on another provider list
+            from sfs_fast.export import OnnxRunner
+
+            dec.runner = OnnxRunner(target, device=provider_device, threads=threads)
+        return dec
     finally:  # the session holds the model in memory
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -200,23 +227,35 @@ def run_e2e(*, methods, batches, paths=DEFAULT_PATHS, device="cpu", threads=None
                     if ref is None:  # eager not among the paths: make the reference now
                         ref = reference[batch] = make_decomposer("eager", model, device=device, threads=threads).decompose(inputs[batch][0])
                     diff = compare(outs, ref)
+                    budget = _budget(outs, ref)
                     stats = time_calls(dec.decompose, inputs[batch], warmup=warmup, runs=runs, device=device)
                 except Exception as exc:
                     row.update(status="failed", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
                     log(f"  m{method} b{batch} {path:10s} FAILED: {row['reason']}")
                     continue
                 row.update(status="ok", reason=None, ms=stats, ms_per_image=stats["median"] / batch,
-                           setup_s=setup_s, first_call_s=first_call_s, diff=diff,
+                           setup_s=setup_s, first_call_s=first_call_s, diff=diff, budget=budget,
                            ratio_to_floor=stats["median"] / floor_ms)
                 log(f"  m{method} b{batch} {path:10s} {stats['median']:9.1f} ms  ({stats['median'] / batch:7.1f} ms/img)"
                     f"  x{stats['median'] / floor_ms:.2f} floor  max|diff| {diff['max_abs']:.2e}"
-                    f" ({100 * diff['max_rel_range']:.3f}% of range, {diff['worst_output']})")
+                    f" ({100 * diff['max_rel_range']:.3f}% of range, {diff['worst_output']})"
+                    + (f"  budget: {budget['line']}" if budget else ""))
             cached = {k: v for k, v in cached.items() if k[1] is None}  # per-batch ones (compile) go
     _add_speedups(results)
     return {"kind": "e2e", "floor": {"gemm": gemm, "models": models, "gemm_per_group": group_rates,
                                      "definition": "FLOPs per image (FlopCounterMode on the model) x batch / median "
                                                    "fp32 GEMM rate measured right before each (method, batch) group"},
             "fused_options": _fused_options(fused_options), "results": results}
+
+
+def _budget(outputs, reference):
+    """The accuracy budget of :func:`sfs_fast.precision.check_budget` against eager fp32:
+    ``{passed, metrics, failures, line}``."""
+    from sfs_fast.precision import check_budget, format_metrics
+
+    report = check_budget(outputs, reference)
+    return {"passed": report["passed"], "metrics": report["metrics"], "failures": report["failures"],
+            "line": format_metrics(report)}
 
 
 def _fused_options(overrides):

@@ -53,6 +53,8 @@ def rows(result: dict) -> list[list[str]]:
         note = []
         if r["path"] == "compile" and r.get("first_call_s") is not None:
             note.append(f"compile {r['first_call_s']:.1f} s")
+        if r.get("budget") and r["path"] != "eager":  # sfs_fast.precision's accuracy budget vs eager fp32
+            note.append(f"budget {r['budget']['line']}")
         out.append([
             str(r["method"]), str(r["batch"]), label,
             _fmt(ms["median"]), _fmt(ms["median"] / r["batch"]), _fmt(ms["p10"]), _fmt(ms["p90"]), _fmt(ms["min"]),

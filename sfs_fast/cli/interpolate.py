@@ -53,6 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["eager", "fused", "compile", "onnx"], default=None,
                    help="inference backend (default: fused; onnx with --onnx)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8", "auto"], default=None,
+                   help="model precision, as sfs-decompose --precision (default fp32)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads of the model")
     p.add_argument("-r", "--recursive", action="store_true", help="descend into sub-folders of IN")
     p.add_argument("--fit", choices=["crop", "pad"], default="crop", help="non-square pictures: crop or pad")
