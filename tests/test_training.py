@@ -255,3 +255,34 @@ def test_cli_bad_input_one_line(tmp_path, capsys):
         err = capsys.readouterr().err
         assert len(err.strip().splitlines()) == 1 and err.startswith("sfs-train: error:"), err
     assert not (tmp_path / "x" / "model.safetensors").exists()
+
+
+def test_metrics_are_exact(data, tmp_path):
+    from sfs_fast.training.trainer import decomposition_errors
+
+    b, h = 2, 8
+    gt = torch.zeros(b, 3, h, h)
+    gt[:, 2] = 1.0
+    pred = torch.zeros(b, 3, h, h)
+    pred[:, 0], pred[:, 2] = 0.5, 3 ** 0.5 / 2  # 30 degrees away
+    mask = torch.ones(b, 1, h, h)
+    mask[:, :, :, :4] = 0
+    albedo = torch.rand(b, 3, h, h)
+    off = albedo.clone()
+    off[..., 4:] += 0.1
+    off[..., :4] += 5.0  # outside the mask: ignored
+    m = decomposition_errors({"normal": pred, "albedo": off, "recon": albedo},
+                             {"normal": gt, "albedo": albedo, "face": albedo, "mask": mask})
+    assert m["normal_deg"] == pytest.approx(30.0, abs=1e-3)
+    assert m["albedo_l1"] == pytest.approx(0.1, abs=1e-5) and m["recon_l1"] == 0.0
+
+    # Trainer.evaluate is the mean over the dataset, not diluted by the loss bookkeeping.
+    trainer = Trainer(_opts(data, tmp_path, 0, batch_size=2, read_first=2, val_split=0.0))
+    ds = trainer.splits.train
+    batch = torch.utils.data.default_collate([ds[i] for i in range(len(ds))])
+    trainer.model.eval()
+    with torch.no_grad():
+        direct = decomposition_errors(trainer.model(batch["face"]), batch)
+    evaluated = trainer.evaluate(ds)
+    for key, value in direct.items():
+        assert evaluated[key] == pytest.approx(value, rel=1e-5)

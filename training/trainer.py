@@ -438,10 +438,10 @@ class Trainer:
                 break
             batch = self.to_device(batch)
             out = self.model(batch["face"])
-            stats.add(decomposition_errors(out, batch))
+            metrics = decomposition_errors(out, batch)
             if self.stage != "gan":
-                total, _ = self._supervised(out, batch)
-                stats.add({"loss": total})
+                metrics["loss"], _ = self._supervised(out, batch)
+            stats.add(metrics)  # one add per batch: the means divide by the batch count
         return stats.means()
 
     # ---------------------------------------------------------------- the loop
