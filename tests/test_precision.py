@@ -298,3 +298,54 @@ def test_explicit_paths_on_demo_weights(method, path):
     images = P.check_images(8)
     report = P.check_budget(dec.decompose(images), P.reference_outputs(model, images))
     assert report["passed"], P.format_metrics(report)
+
+
+# ---------------------------------------------------------------------------------------
+# Commands
+
+
+def test_bench_accuracy_reports_budget_beside_time(monkeypatch):
+    from sfs_fast.bench import accuracy
+
+    monkeypatch.setattr("sfs_fast.bench.e2e.load_bench_model",
+                        lambda method, weights=None: (_Models()[method], "random (BatchNorm calibrated)"))
+    monkeypatch.setattr(accuracy, "load_bench_model",
+                        lambda method, weights=None: (_Models()[method], "random (BatchNorm calibrated)"))
+    with P.forced_capabilities(bf16=True):
+        result = accuracy.run_accuracy(methods=[0], paths=("eager", "bf16", "fp16"), runs=1, warmup=0,
+                                       synthetic=2, log=lambda *a: None)
+    rows = {(r["path"], r.get("set")): r for r in result["results"]}
+    assert rows[("fp16", None)]["status"] == "skipped" and "CUDA" in rows[("fp16", None)]["reason"]
+    for s in result["sets"]:
+        eager, bf16 = rows[("eager", s)], rows[("bf16", s)]
+        assert eager["passed"] and eager["metrics"]["albedo_range"] == 0.0
+        assert bf16["ms_per_image"] > 0 and bf16["speedup_vs_eager"] > 0
+        assert {"normal_median_deg", "normal_p99_deg", "albedo_range", "recon_range", "light_rel"} <= set(bf16["metrics"])
+        assert bf16["passed"] == (not bf16["failures"])
+    auto = result["auto"]["0"]
+    if not all(rows[("bf16", s)]["passed"] for s in result["sets"]):
+        assert auto != "bf16"
+    text = accuracy.format_table(result)
+    assert "auto takes" in text and "budget vs fp32" in text
+
+
+def test_decompose_cli_precision(tmp_path, capsys):
+    import shutil
+    from pathlib import Path
+
+    from sfs_fast.cli import decompose
+
+    src = tmp_path / "in"
+    src.mkdir()
+    faces = sorted(Path(__file__).resolve().parent.parent.joinpath("examples", "faces").glob("*_face.png"))[:2]
+    if not faces:
+        pytest.skip("no example faces in this checkout")
+    for f in faces:
+        shutil.copy(f, src / f.name)
+    code = decompose.main([str(src), str(tmp_path / "out"), "--method", "0", "--precision", "bf16", "--json"])
+    out = capsys.readouterr().out
+    assert code == 0 and '"precision": "bf16"' in out
+    code = decompose.main([str(src), str(tmp_path / "out2"), "--method", "0", "--precision", "int8",
+                           "--backend", "fused"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "int8" in err[0] and "Traceback" not in err[0]
