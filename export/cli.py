@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     prec = p.add_mutually_exclusive_group()
     prec.add_argument("--fp16", action="store_true", help="float16 weights and activations (float32 I/O)")
     prec.add_argument("--int8", action="store_true", help="static int8 quantization (QDQ, per-channel)")
+    prec.add_argument("--precision", choices=["fp32", "fp16", "int8"], default=None,
+                      help="the same as --fp16/--int8 (fp32 default), named as in sfs-decompose and sfs-bench")
     p.add_argument("--simplify", action=argparse.BooleanOptionalAction, default=True,
                    help="simplify the graph with onnxslim (default: on)")
     p.add_argument("--atol", type=float, default=None, help="parity bound (default: 1e-4 fp32, 5e-2 fp16, 1e-1 int8)")
@@ -101,7 +103,7 @@ def export_command(args) -> int:
 
     from .onnx_export import MAX_OPSET, MIN_OPSET, ParityError, check_output_path, export_onnx
 
-    precision = "fp16" if args.fp16 else "int8" if args.int8 else "fp32"
+    precision = "fp16" if args.fp16 else "int8" if args.int8 else (args.precision or "fp32")
     if not MIN_OPSET <= args.opset <= MAX_OPSET:
         raise CommandError(f"--opset {args.opset} is not supported; use {MIN_OPSET} to {MAX_OPSET}")
     if args.batch is not None and args.batch < 1:
