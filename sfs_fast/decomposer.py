@@ -61,7 +61,7 @@ class Decomposer:
             backend = "onnx"
         if not (file_only and precision is None):
             backend, precision = precision_mod.resolve(precision, backend, device)
-        if backend not in BACKENDS:
+        if backend not in BACKENDS and not (backend is None and precision == "auto"):
             raise ValueError(f"backend: unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
         self.backend = backend
         self.device = torch.device(device)

@@ -269,10 +269,13 @@ AUTO_ORDER = {
 def resolve(precision: str | None, backend: str | None, device="cpu") -> tuple[str, str]:
     """``(backend, precision)`` once defaults are filled in, or ValueError for a pair that
     does not exist. ``precision`` None means fp32; ``backend`` None means ``fused``, or
-    ``onnx`` for int8 (ONNX Runtime is the int8 path). ``auto`` is returned as is."""
+    ``onnx`` for int8 (ONNX Runtime is the int8 path). ``auto`` is returned as is, with
+    ``backend`` None when none was given (auto then chooses among all backends)."""
     precision = precision or "fp32"
     if precision not in PRECISIONS:
         raise ValueError(f"precision: unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
+    if precision == "auto":  # no backend given: auto may take any (int8 is onnx, bf16 fused)
+        return backend, precision
     if backend is None:
         backend = "onnx" if precision == "int8" else "fused"
     kind = torch.device(device).type

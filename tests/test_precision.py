@@ -119,7 +119,8 @@ def test_capabilities_forced_and_env(monkeypatch):
     ("bf16", None, "cpu", ("fused", "bf16")),
     ("bf16", "compile", "cpu", ("compile", "bf16")),
     ("fp16", "onnx", "cpu", ("onnx", "fp16")),
-    ("auto", None, "cpu", ("fused", "auto")),
+    ("auto", None, "cpu", (None, "auto")),  # auto with no backend chooses among all of them
+    ("auto", "compile", "cpu", ("compile", "auto")),
 ])
 def test_resolve(precision, backend, device, expected):
     assert P.resolve(precision, backend, device) == expected
