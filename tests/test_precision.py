@@ -142,7 +142,7 @@ def test_auto_candidates_follow_capabilities():
         assert P.auto_candidates(None, "cpu") == [("fused", "fp32")]
         assert P.auto_candidates("onnx", "cpu") == [("onnx", "fp32")]
     with P.forced_capabilities(bf16=True, int8=True):
-        assert P.auto_candidates(None, "cpu") == [("onnx", "int8"), ("fused", "bf16"), ("fused", "fp32")]
+        assert P.auto_candidates(None, "cpu") == [("fused", "bf16"), ("onnx", "int8"), ("fused", "fp32")]
         assert P.auto_candidates("compile", "cpu") == [("compile", "bf16"), ("compile", "fp32")]
         assert P.auto_candidates("eager", "cpu") == [("eager", "fp32")]
 
