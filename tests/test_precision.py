@@ -279,7 +279,7 @@ def _demo(method):
 
 
 @pytest.mark.parametrize("method", [0, 3])
-def test_auto_on_demo_weights_meets_budget(method, monkeypatch):
+def test_auto_on_demo_weights_meets_budget(method, monkeypatch, few_calibration_images):
     """Whatever auto picks on the demo weights meets the budget on its check images (the
     Decomposer really runs the path it checked)."""
     monkeypatch.setattr(P, "AUTO_CHECK_IMAGES", 8)
