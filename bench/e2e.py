@@ -34,24 +34,6 @@ class PathUnavailable(Exception):
     """A path that cannot run on this machine; the message is the reason shown."""
 
 
-def calibrate_batchnorm(model: torch.nn.Module, *, steps: int = 2, batch: int = 2, seed: int = 0,
-                        size: int = INPUT_SIZE):
-    """Give a randomly initialised model realistic BatchNorm statistics (a fresh one has mean
-    0 / var 1, under which activations grow through the trunk and relative errors mean
-    little): run it in train mode on :func:`bench_images`, then return it in eval mode."""
-    gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None  # cumulative average over the calibration batches
-            m.reset_running_stats()
-    model.train()
-    with torch.no_grad():
-        for _ in range(steps):
-            x = bench_images(batch, gen) if size == INPUT_SIZE else torch.rand(batch, 3, size, size, generator=gen)
-            model(x)
-    return model.eval()
-
-
 def bench_images(batch: int, gen: torch.Generator) -> torch.Tensor:
     """``[batch,3,128,128]`` float32 inputs in [0,1]: the exporter's procedural face-like
     pictures when it is installed (activation ranges like real use, which is what quantized
@@ -70,6 +52,7 @@ def load_bench_model(method: int, weights=None, seed: int = 0, size: int = INPUT
     """The model to benchmark and where its weights came from: ``weights`` if given, else the
     bundled demo weights, else random weights with calibrated BatchNorm statistics."""
     from sfs_fast import build_model, weights as weights_mod
+    from sfs_fast.models import calibrate_batchnorm
 
     if weights is not None:
         return weights_mod.load_any(weights, method=method).eval(), str(weights)
@@ -77,7 +60,11 @@ def load_bench_model(method: int, weights=None, seed: int = 0, size: int = INPUT
     if default is not None:
         return weights_mod.load(default).eval(), str(default)
     torch.manual_seed(seed)
-    return calibrate_batchnorm(build_model(method), seed=seed, size=size), "random (BatchNorm calibrated)"
+    gen = torch.Generator().manual_seed(seed)
+    # Face-like pictures at the Decomposer's size, so BatchNorm sees activation ranges like real use.
+    batches = (bench_images(2, gen) if size == INPUT_SIZE else torch.rand(2, 3, size, size, generator=gen)
+               for _ in range(2))
+    return calibrate_batchnorm(build_model(method), batches), "random (BatchNorm calibrated)"
 
 
 def make_decomposer(path: str, model, *, device: str, threads: int | None, fused_options: dict | None = None):

@@ -391,6 +391,24 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
+def calibrate_batchnorm(model: nn.Module, batches) -> nn.Module:
+    """Set every BatchNorm's running statistics to the average over ``batches`` (an iterable
+    of ``[B,3,H,W]`` images) and return the model in eval mode.
+
+    A freshly built model has mean 0 / var 1 statistics, under which activations grow through
+    the trunk and relative errors mean little; benchmarks and tests of untrained models use this.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = None  # cumulative average over the calibration batches
+            m.reset_running_stats()
+    model.train()
+    with torch.no_grad():
+        for x in batches:
+            model(x)
+    return model.eval()
+
+
 # --------------------------------------------------------------------------------------
 # SkipNet (SPEC B.1.3) and the discriminators (B.3.5, B.3.6)
 

@@ -20,19 +20,11 @@ def _seed():
 
 
 def calibrate_batchnorm(model, steps=3, batch=4, seed=0):
-    """Give every BatchNorm realistic running statistics by running the model in train mode
-    on random images, then return it in eval mode. A freshly built model has mean 0 / var 1
-    statistics, under which activations grow through the trunk."""
+    """``sfs_fast.models.calibrate_batchnorm`` on ``steps`` batches of seeded random images."""
+    from sfs_fast.models import calibrate_batchnorm as calibrate
+
     gen = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None  # cumulative average over the calibration batches
-            m.reset_running_stats()
-    model.train()
-    with torch.no_grad():
-        for _ in range(steps):
-            model(torch.rand(batch, 3, 128, 128, generator=gen))
-    return model.eval()
+    return calibrate(model, (torch.rand(batch, 3, 128, 128, generator=gen) for _ in range(steps)))
 
 
 @pytest.fixture
