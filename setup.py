@@ -101,6 +101,7 @@ setup(
         "plot": ["matplotlib>=3.5"],
         "test": [
             "pytest>=7",
+            "pybind11>=2.10",  # the CUDA binding's compile check needs its headers
             "onnx>=1.15",
             "onnxruntime>=1.17",
             "onnxslim>=0.1.30",
