@@ -14,13 +14,8 @@ from sfs_fast.training import data as D
 from sfs_fast.training import synth
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Small tensors: on a busy 2-core machine one thread measured much faster than two.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: on a busy 2-core machine one thread measured much faster than two.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

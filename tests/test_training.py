@@ -21,14 +21,8 @@ from sfs_fast.training.trainer import FROZEN_IF_LOADED, TrainOptions, Trainer, T
 CROP = 32  # the models are fully convolutional: small crops keep the tests fast
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Steps on 32x32 crops are tiny: with two threads on a busy 2-core machine they measured
-    # ~10x slower than with one (thread hand-offs). Results do not depend on it.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+# Tiny tensors: on a busy 2-core machine one thread measured much faster than two.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
