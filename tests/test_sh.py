@@ -1,7 +1,7 @@
 """The SH convention and the reference shading op against independent float64 NumPy."""
-import math
 
 import numpy as np
+from kernel_checks import numpy_shade
 import pytest
 import torch
 
@@ -10,27 +10,8 @@ from sfs_fast.kernels import sh_shade
 
 
 def numpy_shading(normal, light, residue=None, albedo=None, normalize=True, beta=0.0):
-    """Independent float64 implementation, written from the formulas of SPEC B.2.1."""
-    n = np.asarray(normal, np.float64)
-    if normalize:
-        n = n / (np.sqrt((n ** 2).sum(1, keepdims=True)) + 1e-8)
-    x, y, z = n[:, 0], n[:, 1], n[:, 2]
-    pi = math.pi
-    c1 = pi / math.sqrt(4 * pi)
-    c2 = (2 * pi / 3) * math.sqrt(3 / (4 * pi))
-    c3 = (pi / 4) * 0.5 * math.sqrt(5 / (4 * pi))
-    c4 = (pi / 4) * 3 * math.sqrt(5 / (12 * pi))
-    c5 = (pi / 4) * 3 * math.sqrt(5 / (48 * pi))
-    Y = [c1 * np.ones_like(x), c2 * z, c2 * x, c2 * y, c3 * (2 * z * z - x * x - y * y),
-         c4 * x * z, c4 * y * z, c5 * (x * x - y * y), c4 * x * y]
-    L = np.asarray(light, np.float64)
-    shading = np.stack([sum(Y[k] * L[:, 9 * c + k, None, None] for k in range(9)) for c in range(3)], 1)
-    if residue is not None:
-        shading = shading + residue
-    recon = None
-    if albedo is not None:
-        recon = shading * (albedo - beta * (residue if residue is not None else 0.0))
-    return shading, recon
+    """The tests' independent float64 NumPy implementation (tests/kernel_checks.py)."""
+    return numpy_shade(np.asarray(normal), np.asarray(light), residue, albedo, normalize, beta)
 
 
 def test_constants_match_spec():

@@ -2,11 +2,11 @@
 stored normal under the stored light, checked with an independent float64 SH renderer),
 masks are binary, normals unit, output deterministic for a seed, lights realistic."""
 import csv
-import math
 import subprocess
 import sys
 
 import numpy as np
+from kernel_checks import numpy_shade
 import pytest
 from PIL import Image
 
@@ -14,18 +14,11 @@ from sfs_fast.training import synth
 
 
 def independent_shading(normal, light):
-    """float64 SfSNet-convention SH shading, written from the formulas (SPEC B.2.1).
+    """float64 SfSNet-convention SH shading (the tests' independent NumPy reference).
     normal ``[H,W,3]`` unit, light ``[27]`` -> ``[H,W,3]``."""
-    att = (math.pi, 2 * math.pi / 3, math.pi / 4)
-    c1 = att[0] / math.sqrt(4 * math.pi)
-    c2 = att[1] * math.sqrt(3 / (4 * math.pi))
-    c3 = att[2] * 0.5 * math.sqrt(5 / (4 * math.pi))
-    c4 = att[2] * 3 * math.sqrt(5 / (12 * math.pi))
-    c5 = att[2] * 3 * math.sqrt(5 / (48 * math.pi))
-    x, y, z = normal[..., 0], normal[..., 1], normal[..., 2]
-    basis = np.stack([np.full_like(x, c1), c2 * z, c2 * x, c2 * y, c3 * (2 * z * z - x * x - y * y),
-                      c4 * x * z, c4 * y * z, c5 * (x * x - y * y), c4 * x * y], -1)
-    return basis @ np.asarray(light, dtype=np.float64).reshape(3, 9).T
+    chw = np.asarray(normal, np.float64).transpose(2, 0, 1)[None]
+    shading, _ = numpy_shade(chw, np.asarray(light, np.float64)[None], None, None, False, 0.0)
+    return shading[0].transpose(1, 2, 0)
 
 
 @pytest.fixture(scope="module")
