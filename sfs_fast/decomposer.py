@@ -12,8 +12,8 @@ Backends:
 - ``onnx``: an ONNX Runtime session (``sfs_fast.export.OnnxRunner``) on an exported file.
 
 Precisions (``precision=``, see :mod:`sfs_fast.precision`): ``fp32``; ``bf16`` (fused or
-compile: a bf16 copy of the fused model whose input convolution, 3-channel output
-convolutions and light layer stay float32, so shading and reconstruction run in float32);
+compile: the encoder's convolutions in bf16, everything that decodes its features, the
+BatchNorm parameters and the shading in float32: :func:`sfs_fast.precision.to_low_precision`);
 ``fp16`` (the same on CUDA; an fp16 ONNX file with backend onnx); ``int8`` (backend onnx:
 static QDQ int8, :func:`sfs_fast.export.precision.quantize_int8`); ``auto``: the fastest
 pair of :func:`sfs_fast.precision.auto_candidates` that meets the accuracy budget against

@@ -259,6 +259,10 @@ class ModelConfig:
 class SfSNetModel(nn.Module):
     """SfSNet trunk plus the head of one method; see the module docstring for the outputs."""
 
+    # The modules of ``features`` (shared convolutions and residual trunks); everything else
+    # decodes their output. Low-precision inference computes these in bf16/fp16.
+    ENCODER = ("conv_model", "normal_residual_model", "albedo_residual_model", "albedo_residual_model_2")
+
     def __init__(self, method: int = 0, **config):
         super().__init__()
         self.spec = METHODS[method_id(method)]

@@ -179,29 +179,89 @@ def _check_shapes(out, ref, method):
         assert torch.isfinite(v).all(), k
 
 
-@pytest.mark.parametrize("method", list(METHODS))
-def test_bf16_path_every_method(models, images, method):
-    """bf16 runs every method at batch 2; the float32 islands are float32, the rest bf16;
-    outputs are close to float32 in the median (random weights amplify rounding at some
-    pixels, so the max-based budget is checked on trained weights below)."""
-    model = models[method]
-    ref = P.reference_outputs(model, images)
-    dec = Decomposer(model, precision="bf16")
-    assert dec.backend == "fused" and dec.precision == "bf16"
-    out = dec.decompose(images)
-    _check_shapes(out, ref, method)
-    low = P.to_low_precision(model, torch.bfloat16)
+class _DemoBased(dict):
+    """Every method as a checkpoint with trained encoder features, built on first use: the
+    bundled demo weights where they exist (methods 0 and 3); for the other methods, method
+    3's weights (encoder, generation nets, light, and its residue head for the other residue
+    methods), method 0's first-albedo trunk, and seeded random heads for methods 1 and 2
+    with BatchNorm statistics measured on the example faces. Realistic encoder features are
+    what the low-precision paths are judged on: the decoders stay float32."""
+
+    def __missing__(self, method):
+        from sfs_fast import build_model, weights
+        from sfs_fast.export.precision import example_faces
+
+        path = weights.default_weights(method)
+        if path is not None:
+            self[method] = weights.load(path).eval()
+            return self[method]
+        demo0, demo3 = (weights.load(weights.default_weights(m)).state_dict() for m in (0, 3))
+        torch.manual_seed(method)
+        model = build_model(method)
+        own, spec = model.state_dict(), METHODS[method]
+        state = {k: v for k, v in demo3.items() if k in own}
+        state.update({k: v for k, v in demo0.items() if k.startswith("albedo_residual_model.") and k in own})
+        if spec.head == "residue":
+            state.update({spec.head_module + k[len("shading_residual_model"):]: v
+                          for k, v in demo3.items() if k.startswith("shading_residual_model.")})
+        model.load_state_dict(state, strict=False)
+        untrained = {k.split(".")[0] for k in own if k not in state}
+        for name, m in model.named_modules():
+            if isinstance(m, torch.nn.BatchNorm2d) and name.split(".")[0] in untrained:
+                m.momentum = None
+                m.reset_running_stats()
+                m.train()
+        with torch.no_grad():
+            model(torch.from_numpy(example_faces()))
+        self[method] = model.eval()
+        return self[method]
+
+
+@pytest.fixture(scope="module")
+def demo_based():
+    return _DemoBased()
+
+
+@pytest.fixture(scope="module")
+def example_pair():
+    """Two of the bundled example faces: the batch-2 inputs the budget is checked on."""
+    from sfs_fast.export.precision import example_faces
+
+    faces = example_faces()
+    if len(faces) < 2:
+        pytest.skip("the example faces of the source tree are not here")
+    return torch.from_numpy(faces[:2].copy())
+
+
+def test_bf16_layers_follow_the_encoder_rule(models):
+    """bf16 computes the encoder's convolutions (bar the one reading the image); decoders,
+    light and heads keep float32 weights; BatchNorm keeps float32 parameters everywhere."""
+    low = P.to_low_precision(models[3], torch.bfloat16)
     islands = set(P.float_islands(low))
-    assert "conv_model.conv1.0" in islands and "normal_gen_model.conv3" in islands
+    assert {"conv_model.conv1.0", "normal_gen_model.conv3", "albedo_gen_model.conv2.0",
+            "light_estimator_model.conv1.0", "light_estimator_model.fc", "shading_residual_model.conv1.0"} <= islands
+    assert not any(n.startswith(("conv_model.conv2", "normal_residual_model", "albedo_residual_model_2"))
+                   for n in islands)
     for name, p in low.named_parameters():
         layer = name.rsplit(".", 1)[0]
-        assert p.dtype == (torch.float32 if layer in islands else torch.bfloat16), name
-    assert P.normal_angles_deg(out["normal"], ref["normal"]).median() < 3.0
-    for k in ("albedo", "shading", "recon"):
-        if k in out:
-            err = (out[k] - ref[k]).abs().median() / ref[k].std()
-            assert err < 0.03, (k, float(err))
-            assert not torch.equal(out[k], ref[k])  # it really ran in lower precision
+        is_bn = isinstance(low.get_submodule(layer), torch.nn.BatchNorm2d)
+        assert p.dtype == (torch.float32 if layer in islands or is_bn else torch.bfloat16), name
+    for name, b in low.named_buffers():
+        assert b.dtype != torch.bfloat16 or name.endswith("num_batches_tracked"), name
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_bf16_path_every_method(demo_based, example_pair, method):
+    """bf16 runs every method at batch 2 on two example faces and meets the budget there."""
+    model = demo_based[method]
+    ref = P.reference_outputs(model, example_pair)
+    dec = Decomposer(model, precision="bf16")
+    assert dec.backend == "fused" and dec.precision == "bf16"
+    out = dec.decompose(example_pair)
+    _check_shapes(out, ref, method)
+    report = P.check_budget(out, ref)
+    assert report["passed"], (method, P.format_metrics(report))
+    assert not torch.equal(out["albedo"], ref["albedo"])  # it really ran in lower precision
 
 
 @pytest.fixture
@@ -290,16 +350,27 @@ def test_auto_on_demo_weights_meets_budget(method, monkeypatch, few_calibration_
     assert report["passed"], (dec.precision, report["failures"])
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known gap (issue 8): on the demo weights bf16 misses the "
-                   "budget on albedo/shading/light (2-5% of range) and int8 on every metric")
-@pytest.mark.parametrize("path", ["bf16", "int8"])
+@pytest.mark.parametrize("backend", ["fused", pytest.param("compile", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("method", [0, 3])
-def test_explicit_paths_on_demo_weights(method, path):
-    """The issue's goal: each low-precision path within budget on the demo weights. It does
-    not hold today; strict xfail so that the day it does, this test says so."""
+def test_bf16_on_demo_weights_meets_budget(method, backend):
+    """The issue's goal on the demo weights: bf16 within budget on the 8 check images
+    (example faces and synthetic faces), eager and compiled."""
     model = _demo(method)
-    dec = Decomposer(model, precision=path)
+    dec = Decomposer(model, backend=backend, precision="bf16")
+    images = P.check_images(8)
+    report = P.check_budget(dec.decompose(images), P.reference_outputs(model, images))
+    assert report["passed"], P.format_metrics(report)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known gap (issue 8): on the demo weights static int8 misses the "
+                   "budget on every metric but the light")
+@pytest.mark.parametrize("method", [0, 3])
+def test_int8_on_demo_weights(method):
+    """int8 within budget on the demo weights does not hold today; strict xfail so that the
+    day it does, this test says so."""
+    model = _demo(method)
+    dec = Decomposer(model, precision="int8")
     images = P.check_images(8)
     report = P.check_budget(dec.decompose(images), P.reference_outputs(model, images))
     assert report["passed"], P.format_metrics(report)
