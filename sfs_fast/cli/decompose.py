@@ -607,8 +607,8 @@ def decompose(args) -> int:
         print(json.dumps(summary))
     else:
         rate = f", {summary['images_per_s']:.1f} images/s" if ok and summary["images_per_s"] else ""
-        print(f"{PROG}: {ok} ok, {skipped} skipped, {failed} failed in {wall:.1f} s{rate}; "
-              f"manifest {manifest.path}", file=sys.stderr)
+        print(f"{PROG}: {ok} ok, {skipped} skipped, {failed} failed in {wall:.1f} s{rate} "
+              f"({summary['backend']} {summary['precision'] or 'fp32'}); manifest {manifest.path}", file=sys.stderr)
     return code
 
 
