@@ -17,7 +17,7 @@ import torch
 from .e2e import PathUnavailable, load_bench_model, make_decomposer
 from .timing import time_calls
 
-DEFAULT_PATHS = ("eager", "fused", "bf16", "onnx", "onnx-int8")
+DEFAULT_PATHS = ("eager", "fused", "bf16", "onnx", "onnx-int8", "onnx-int8-all")
 # Decomposer (backend, precision) -> path name of sfs-bench
 PATH_OF = {("fused", "fp32"): "fused", ("compile", "fp32"): "compile", ("onnx", "fp32"): "onnx",
            ("fused", "bf16"): "bf16", ("compile", "bf16"): "compile-bf16", ("fused", "fp16"): "fp16",

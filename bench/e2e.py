@@ -8,7 +8,10 @@ Paths:
 - ``compile``: ``torch.compile`` of the fused model; the first call (compilation) is timed
   apart from the runs.
 - ``onnx``, ``onnx-int8``, ``onnx-fp16``: ONNX Runtime through the Decomposer's ``onnx``
-  backend, on a file exported (``sfs_fast.export.export_onnx``) at that precision.
+  backend, on a file exported (``sfs_fast.export.export_onnx``) at that precision;
+  ``onnx-int8-all``: int8 on every convolution but the outputs (over the accuracy budget).
+- ``bf16``, ``compile-bf16``, ``fp16``: the PyTorch low-precision model
+  (``sfs_fast.precision.to_low_precision``), eager or compiled.
 
 A path that cannot run here is listed with ``status: "skipped"`` and the reason.
 """
@@ -21,11 +24,15 @@ import torch
 from .floors import compute_floor_ms, count_flops, measure_gemm_rate
 from .timing import time_calls
 
-PATHS = ("eager", "fused", "compile", "onnx", "onnx-int8", "onnx-fp16", "bf16", "compile-bf16", "fp16", "tensorrt")
+PATHS = ("eager", "fused", "compile", "onnx", "onnx-int8", "onnx-int8-all", "onnx-fp16", "bf16", "compile-bf16",
+         "fp16", "tensorrt")
 DEFAULT_PATHS = ("eager", "fused", "compile", "onnx", "onnx-int8", "bf16")
 # PyTorch low-precision paths (sfs_fast.precision): path -> (Decomposer backend, precision)
 TORCH_PRECISION = {"bf16": ("fused", "bf16"), "compile-bf16": ("compile", "bf16"), "fp16": ("fused", "fp16")}
-ONNX_PRECISION = {"onnx": "fp32", "onnx-int8": "int8", "onnx-fp16": "fp16"}
+ONNX_PRECISION = {"onnx": "fp32", "onnx-int8": "int8", "onnx-int8-all": "int8", "onnx-fp16": "fp16"}
+# onnx-int8 quantizes the layers that stay within the accuracy budget; onnx-int8-all every
+# convolution but the outputs (sfs_fast.export.precision.INT8_LAYERS), to show what that costs.
+INT8_LAYERS_OF = {"onnx-int8-all": "all"}
 INPUT_SIZE = 128
 ROTATED_INPUTS = 3
 
@@ -105,11 +112,13 @@ def make_decomposer(path: str, model, *, device: str, threads: int | None, fused
             from sfs_fast.export import OnnxRunner  # noqa: F401
         except ImportError as exc:
             raise PathUnavailable(f"sfs_fast.export.OnnxRunner is not available yet ({exc})") from exc
-        return _onnx_file_decomposer(model, ONNX_PRECISION[path], device=device, threads=threads)
+        return _onnx_file_decomposer(model, ONNX_PRECISION[path], device=device, threads=threads,
+                                     int8_layers=INT8_LAYERS_OF.get(path, "budget"))
     raise ValueError(f"paths: unknown path {path!r}; choose from {', '.join(PATHS)}")
 
 
-def _onnx_file_decomposer(model, precision: str, *, device: str, threads, provider_device=None):
+def _onnx_file_decomposer(model, precision: str, *, device: str, threads, provider_device=None,
+                          int8_layers: str = "budget"):
     """Export ``model`` at ``precision`` (``fp32``, ``fp16``, ``int8``) to a temporary file
     and open it through the Decomposer's ``onnx`` backend. The exporter's own parity gate is
     opened wide: this benchmark compares every path with eager itself, in the same run, and
@@ -127,7 +136,8 @@ def _onnx_file_decomposer(model, precision: str, *, device: str, threads, provid
     try:
         target = f"{folder}/method{model.method}_{precision}.onnx"
         try:
-            export_onnx(model, target, precision=precision, atol=1e6, verify_batches=(1,), sidecar=False, log=None)
+            export_onnx(model, target, precision=precision, atol=1e6, verify_batches=(1,), sidecar=False,
+                        int8_layers=int8_layers, log=None)
         except TypeError as exc:  # an exporter without the precision setting
             raise PathUnavailable(f"the ONNX exporter cannot write {precision} ({exc})") from exc
         dec = Decomposer(onnx=target, backend="onnx", method=model.method, device=device, threads=threads)

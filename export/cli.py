@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     prec.add_argument("--int8", action="store_true", help="static int8 quantization (QDQ, per-channel)")
     prec.add_argument("--precision", choices=["fp32", "fp16", "int8"], default=None,
                       help="the same as --fp16/--int8 (fp32 default), named as in sfs-decompose and sfs-bench")
+    p.add_argument("--int8-layers", choices=["budget", "all"], default=None,
+                   help="int8: quantize only the convolutions whose error stays within the accuracy budget "
+                        "(default), or every convolution but the 3-channel outputs (faster, over budget)")
     p.add_argument("--simplify", action=argparse.BooleanOptionalAction, default=True,
                    help="simplify the graph with onnxslim (default: on)")
     p.add_argument("--atol", type=float, default=None, help="parity bound (default: 1e-4 fp32, 5e-2 fp16, 1e-1 int8)")
@@ -108,6 +111,8 @@ def export_command(args) -> int:
         raise CommandError(f"--opset {args.opset} is not supported; use {MIN_OPSET} to {MAX_OPSET}")
     if args.batch is not None and args.batch < 1:
         raise CommandError(f"--batch must be a positive integer, got {args.batch}")
+    if args.int8_layers is not None and precision != "int8":
+        raise CommandError(f"--int8-layers applies to int8 exports, not {precision}")
     if args.atol is not None and not args.atol > 0:
         raise CommandError(f"--atol must be positive, got {args.atol}")
     if args.weights is not None and not Path(args.weights).is_file():
@@ -138,7 +143,7 @@ def export_command(args) -> int:
             try:
                 result = export_onnx(model, path, opset=args.opset, batch=args.batch, precision=precision,
                                      simplify_graph=args.simplify, atol=args.atol, seed=args.seed,
-                                     source_sha256=sha, log=log)
+                                     source_sha256=sha, int8_layers=args.int8_layers or "budget", log=log)
             except ParityError as exc:
                 print(f"sfs-export: error: {exc}", file=sys.stderr)
                 failed.append(method)

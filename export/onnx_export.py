@@ -273,7 +273,7 @@ def check_output_path(path) -> Path:
 def export_onnx(model: SfSNetModel, path, *, opset: int = DEFAULT_OPSET, batch: int | None = None,
                 precision: str = "fp32", simplify_graph: bool = True, atol: float | None = None,
                 verify_batches=None, seed=None, source_sha256: str | None = None, sidecar: bool = True,
-                calibration=None, log=print) -> ExportResult:
+                calibration=None, int8_layers: str = "budget", log=print) -> ExportResult:
     """Export ``model`` to ``path``, verify it, and write metadata (and a JSON sidecar
     ``<stem>.json`` unless ``sidecar=False``).
 
@@ -291,6 +291,9 @@ def export_onnx(model: SfSNetModel, path, *, opset: int = DEFAULT_OPSET, batch: 
         source_sha256: hash of the checkpoint the weights came from (for the metadata).
         calibration: int8 only, ``[N,3,128,128]`` float32 images (default
             :func:`sfs_fast.export.precision.calibration_images`).
+        int8_layers: int8 only, which convolutions are quantized:
+            ``budget`` (within the accuracy budget) or ``all``
+            (:data:`sfs_fast.export.precision.INT8_LAYERS`).
         log: a ``print``-like callable for progress lines, or None for silence.
 
     Returns an :class:`ExportResult`. Raises :class:`ParityError` (the file renamed
@@ -328,8 +331,9 @@ def export_onnx(model: SfSNetModel, path, *, opset: int = DEFAULT_OPSET, batch: 
 
         if calibration is None:
             calibration = calibration_images()
-        proto = quantize_int8(proto, calibration, batch=batch)
-    meta = export_metadata(ref, opset=opset, precision=precision, batch=batch, source_sha256=source_sha256)
+        proto = quantize_int8(proto, calibration, batch=batch, layers=int8_layers)
+    meta = export_metadata(ref, opset=opset, precision=precision, batch=batch, source_sha256=source_sha256,
+                           extra={"int8_layers": int8_layers} if precision == "int8" else None)
     set_metadata(proto, meta)
     try:
         onnx.checker.check_model(proto, full_check=True)

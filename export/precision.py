@@ -4,11 +4,12 @@
   (``keep_io_types``), with onnxruntime's own converter
   (``onnxruntime.transformers.float16``; the ``onnxconverter-common`` package is not needed).
 - ``quantize_int8``: static QDQ quantization, per-channel int8 weights, int8 activations
-  calibrated (MinMax) on a small image set. Only the convolutions of the trunk and heads are
-  quantized; the last 1x1 convolution of every head (their outputs *are* the normal,
-  albedo, residue, shading), the light's average and fully-connected layer, the upsampling
-  and the SH shading stay float32, because a quantization step there is an error in the
-  output itself. Dynamic int8 is not offered: it runs slower than fp32 on these models.
+  calibrated (MinMax) on a small image set, of the convolutions :data:`INT8_LAYERS` names:
+  ``budget`` (the default) quantizes only the layers whose int8 error stays within the
+  accuracy budget of :mod:`sfs_fast.precision`; ``all`` every convolution but the heads'
+  3-channel output layers (faster, far over budget). The light's average and
+  fully-connected layer, the upsampling and the SH shading always stay float32. Dynamic
+  int8 is not offered: it runs slower than fp32 on these models.
 
 Calibration images: the example faces of ``examples/faces`` (when the source tree is there)
 plus synthetic face-like pictures (:func:`face_like_images`).
@@ -134,9 +135,34 @@ def output_convolutions(proto) -> list[str]:
             if n.op_type == "Conv" and len(n.input) > 1 and shapes.get(n.input[1], [0])[0] == 3]
 
 
-def quantize_int8(proto, calibration: np.ndarray, *, batch: int | None = None, exclude_outputs: bool = True):
-    """Static int8 QDQ quantization of ``proto``'s convolutions, calibrated on
-    ``calibration`` ``[N,3,128,128]`` float32. Returns the quantized ``ModelProto``."""
+# Which convolutions ``quantize_int8`` quantizes. Measured one layer at a time on the demo
+# weights (methods 0 and 3, 8 check images; worst budget metric / its limit): the first
+# convolution of each residual block of the albedo trunks costs 0.1-0.35 of the budget,
+# every other layer far more (normal trunk's second convolutions 2.6-3.4, conv_model.conv3
+# 8.9, the light estimator 9, the normal generation net 17): int8 rounds each convolution's
+# *output* to 256 levels of its calibrated range, and those layers feed outputs directly.
+# The albedo-trunk layers together: albedo 0.31-0.38% of range, every other metric lower,
+# also on darkened, shifted faces the rule was not chosen on.
+INT8_LAYERS = ("budget", "all")
+
+
+def quantized_convolutions(proto, layers: str = "budget") -> list[str]:
+    """Names of the Conv nodes :func:`quantize_int8` quantizes for ``layers`` (see
+    :data:`INT8_LAYERS`): ``budget``, the first convolution of every residual block of the
+    albedo trunks; ``all``, every convolution but :func:`output_convolutions`."""
+    if layers not in INT8_LAYERS:
+        raise ValueError(f"int8_layers: expected one of {', '.join(INT8_LAYERS)}, got {layers!r}")
+    convs = [n.name for n in proto.graph.node if n.op_type == "Conv"]
+    if layers == "all":
+        outputs = set(output_convolutions(proto))
+        return [n for n in convs if n not in outputs]
+    return [n for n in convs if n.startswith("/model/albedo_residual_model") and "/res/res.2/" in n]
+
+
+def quantize_int8(proto, calibration: np.ndarray, *, batch: int | None = None, layers: str = "budget"):
+    """Static int8 QDQ quantization of ``proto``'s convolutions named by ``layers``
+    (:func:`quantized_convolutions`), calibrated on ``calibration`` ``[N,3,128,128]``
+    float32. Returns the quantized ``ModelProto``."""
     import onnx
     from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, quant_pre_process,
                                           quantize_static)
@@ -151,10 +177,12 @@ def quantize_int8(proto, calibration: np.ndarray, *, batch: int | None = None, e
         src, pre, dst = (os.path.join(folder, f) for f in ("float.onnx", "pre.onnx", "int8.onnx"))
         onnx.save(proto, src)
         quant_pre_process(src, pre, skip_symbolic_shape=True)
-        excluded = output_convolutions(onnx.load(pre)) if exclude_outputs else []
+        chosen = quantized_convolutions(onnx.load(pre), layers)
+        if not chosen:
+            raise ValueError(f"int8_layers: {layers!r} names no convolution of this graph")
         quantize_static(pre, dst, _Batches(calibration, step), quant_format=QuantFormat.QDQ,
                         op_types_to_quantize=["Conv"], per_channel=True,
                         activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax, nodes_to_exclude=excluded,
+                        calibrate_method=CalibrationMethod.MinMax, nodes_to_quantize=chosen,
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
         return onnx.load(dst)

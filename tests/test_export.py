@@ -226,6 +226,7 @@ def test_command_exports_a_checkpoint_with_fixed_batch(tmp_path, capsys):
     (["--method", "3", "--weights", "{tmp}/m0.safetensors", "-o", "{tmp}/m.onnx"], "holds method 0"),
     (["--method", "0", "--weights", "{tmp}/none.safetensors"], "no such file"),
     (["--all", "--weights", "{tmp}/m0.safetensors"], "--all"),
+    (["--method", "0", "--int8-layers", "all"], "--int8-layers"),
 ])
 def test_command_bad_input_is_one_line(tmp_path, capsys, argv, message):
     weights_mod.save(build_model(0), tmp_path / "m0.safetensors")
@@ -236,7 +237,13 @@ def test_command_bad_input_is_one_line(tmp_path, capsys, argv, message):
     assert not list(tmp_path.glob("*.onnx"))
 
 
-def test_int8_quantizes_the_trunk_and_keeps_outputs_float(exported, tmp_path):
+def _quantized_convs(proto) -> set:
+    """Conv nodes whose weight comes out of a DequantizeLinear (int8 weights)."""
+    producer = {o: n.op_type for n in proto.graph.node for o in n.output}
+    return {n.name for n in proto.graph.node if n.op_type == "Conv" and producer.get(n.input[1]) == "DequantizeLinear"}
+
+
+def test_int8_quantizes_the_budget_layers_and_keeps_outputs_float(exported, tmp_path):
     from sfs_fast.export.precision import face_like_images, output_convolutions
 
     model, _, _ = exported(0)
@@ -245,13 +252,14 @@ def test_int8_quantizes_the_trunk_and_keeps_outputs_float(exported, tmp_path):
     result = export_onnx(model, path, precision="int8", calibration=calib, verify_batches=(1,), seed=3, log=None)
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
-    ops = [n.op_type for n in proto.graph.node]
-    assert ops.count("QuantizeLinear") > 10 and ops.count("DequantizeLinear") > 10
-    # int8 weights are stored; the output convolutions keep float weights
+    # exactly the first convolution of each residual block of the albedo trunk holds int8 weights
+    expected = {f"/model/albedo_residual_model/block{k}/res/res.2/Conv" for k in range(1, 6)}
+    assert _quantized_convs(proto) == expected
     assert any(t.data_type == onnx.TensorProto.INT8 for t in proto.graph.initializer)
-    assert len(output_convolutions(proto)) == 2  # normal and albedo heads of method 0
+    assert len(output_convolutions(proto)) == 2  # normal and albedo heads of method 0, float
     meta = {p.key: p.value for p in proto.metadata_props}
-    assert meta["precision"] == "int8" and json.loads(meta["parity"])["criterion"] == "mean"
+    assert meta["precision"] == "int8" and meta["int8_layers"] == "budget"
+    assert json.loads(meta["parity"])["criterion"] == "mean"
     assert result.passed
     sess = session(path)
     assert sess.get_inputs()[0].type == "tensor(float)"
@@ -262,6 +270,22 @@ def test_int8_quantizes_the_trunk_and_keeps_outputs_float(exported, tmp_path):
         scale = max(1.0, float(np.abs(ref[name]).max()))
         assert np.abs(got[name] - ref[name]).mean() <= 1e-1 * scale, name
         assert not np.array_equal(got[name], ref[name])  # it really is another graph
+
+
+def test_int8_all_layers_quantizes_every_convolution_but_the_outputs(exported, tmp_path):
+    from sfs_fast.export.precision import face_like_images, output_convolutions, quantized_convolutions
+
+    model, _, _ = exported(3)
+    path = tmp_path / "m3_int8_all.onnx"
+    export_onnx(model, path, precision="int8", calibration=face_like_images(2, np.random.default_rng(0)),
+                int8_layers="all", atol=1e6, verify_batches=(1,), log=None)
+    proto = onnx.load(str(path))
+    convs = {n.name for n in proto.graph.node if n.op_type == "Conv"}
+    outputs = set(output_convolutions(proto))
+    assert len(outputs) == 3 and _quantized_convs(proto) == convs - outputs
+    assert {p.key: p.value for p in proto.metadata_props}["int8_layers"] == "all"
+    with pytest.raises(ValueError, match="int8_layers"):
+        quantized_convolutions(proto, "some")
 
 
 @pytest.mark.slow
