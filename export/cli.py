@@ -25,7 +25,9 @@ NAME.failed.onnx) when an output differs by more than atol * max(1, max|output|)
         outputs, output convolutions and shading)
   int8: mean difference, atol 1e-1 (static QDQ, per-channel int8 convolutions,
         calibrated on the example faces and synthetic face-like images, checked on
-        fresh face-like images)
+        fresh face-like images). --int8-layers budget (default) quantizes only the
+        convolutions whose error stays within the accuracy budget of sfs-bench
+        accuracy; all quantizes every convolution but the 3-channel outputs.
 Metadata (method, input layout and range, output names, SH and normal conventions, opset,
 precision, checkpoint sha256, versions, measured parity) is stored in the file's
 metadata_props and in NAME.json beside it.
