@@ -260,9 +260,10 @@ def to_low_precision(model: nn.Module, dtype: torch.dtype, *, keep_float: bool =
     """A copy of ``model`` whose convolutions and linear layers compute in ``dtype`` (bf16
     or fp16), except the :func:`float_islands` when ``keep_float``.
 
-    Every convolution and linear layer casts its input to its weight's dtype, so the
-    low-precision encoder hands its features to float32 decoders, and the normal's
-    normalization, the SH shading op and the reconstruction run in float32. BatchNorm
+    Every convolution and linear layer casts its input to its weight's dtype, and each
+    part of the encoder returns float32 (:func:`_float_output`), so the residual trunks sum
+    in float32, the decoders read float32 features, and the normal's normalization, the SH
+    shading op and the reconstruction run in float32. BatchNorm
     layers keep float32 parameters (running statistics, scale, shift) and take the dtype of
     their input: rounding those to bf16 shifts whole channels the same way in every image,
     an error the light's global average does not wash out (measured: light 1.8% off with
@@ -276,7 +277,20 @@ def to_low_precision(model: nn.Module, dtype: torch.dtype, *, keep_float: bool =
             if name not in keep:
                 m.to(dtype)
             m.register_forward_pre_hook(_cast_inputs_to_weight)
+    if keep_float:
+        for name in getattr(out, "ENCODER", ()):
+            if hasattr(out, name):
+                out.get_submodule(name).register_forward_hook(_float_output)
     return out
+
+
+def _float_output(module, args, output):
+    """Forward hook: the module hands float32 on. On the encoder's parts this keeps the
+    residual trunks' running sums in float32 (a bf16 block output plus a float32 input is
+    float32): a bf16 sum over five blocks drops the small updates. Measured on 46 faces
+    (40 synthetic, 6 examples) one at a time, method 0: worst albedo 0.77% -> 0.27% of range,
+    worst shading 1.06% -> 0.90%."""
+    return output.float()
 
 
 # ---------------------------------------------------------------------------------------

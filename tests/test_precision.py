@@ -245,6 +245,45 @@ def test_bf16_layers_follow_the_encoder_rule(models):
         assert b.dtype != torch.bfloat16 or name.endswith("num_batches_tracked"), name
 
 
+def test_bf16_encoder_hands_on_float32(models):
+    """Each part of the bf16 encoder returns float32, so the residual trunks sum in float32."""
+    low = P.to_low_precision(models[3], torch.bfloat16)
+    with torch.inference_mode():
+        feats = low.features(torch.rand(1, 3, 128, 128))
+    assert set(feats) == {"F", "Fn", "Fa", "Fa2"} and all(f.dtype == torch.float32 for f in feats.values())
+    inner = []
+    hook = low.normal_residual_model.block2.res[2].register_forward_hook(lambda m, a, o: inner.append(o.dtype))
+    with torch.inference_mode():
+        low.features(torch.rand(1, 3, 128, 128))
+    hook.remove()
+    assert inner == [torch.bfloat16]  # while the convolutions inside compute in bf16
+
+
+def test_micro_batch_slices_a_batch(demo_based):
+    """bf16 on the CPU runs batches in slices of LOW_PRECISION_CPU_MICRO_BATCH images; any
+    slice size gives the same outputs (to bf16 rounding of another kernel choice); fp32 and
+    other backends run whole batches; a bad value is refused."""
+    from sfs_fast.decomposer import LOW_PRECISION_CPU_MICRO_BATCH
+
+    model = demo_based[0]
+    x = P.check_images(5)
+    sliced = Decomposer(model, precision="bf16")
+    assert sliced.micro_batch == LOW_PRECISION_CPU_MICRO_BATCH
+    assert Decomposer(model).micro_batch is None and Decomposer(model, backend="eager").micro_batch is None
+    calls = []
+    sliced._run = (lambda run: lambda t: calls.append(len(t)) or run(t))(sliced._run)
+    a = sliced.decompose(x)
+    step = LOW_PRECISION_CPU_MICRO_BATCH
+    assert calls == [min(step, 5 - i) for i in range(0, 5, step)]
+    b = Decomposer(model, precision="bf16", micro_batch=5).decompose(x)
+    for k in a:
+        assert a[k].shape == b[k].shape
+        assert (a[k] - b[k]).abs().max() <= 0.02 * (b[k].max() - b[k].min()) + 1e-6, k
+    for bad, backend in ((0, "fused"), (2, "eager"), (2, "onnx")):
+        with pytest.raises(ValueError, match="micro_batch"):
+            Decomposer(model, backend=backend, micro_batch=bad)
+
+
 @pytest.mark.parametrize("method", list(METHODS))
 def test_bf16_path_every_method(demo_based, example_pair, method):
     """bf16 runs every method at batch 2 on two example faces and meets the budget there."""
