@@ -300,7 +300,8 @@ def _float_output(module, args, output):
 # / ``sfs-bench e2e``); each is taken only where :func:`capabilities` says the hardware has
 # it and only when it meets the budget on the check images. fp32 closes every list.
 AUTO_ORDER = {
-    # measured 2026-11-29, method 0 batch 16, 2 threads: bf16 77 ms/img, ORT int8 102, ORT fp32 162
+    # measured 2026-11-29 (bench/README.md), batch 16, 2 threads, ms/img method 0 / 3: bf16
+    # 105 / 119, ORT int8 137 / 229, fused fp32 272 / 361 (ORT fp32 162 / 241)
     "cpu": (("fused", "bf16"), ("onnx", "int8"), ("fused", "fp32")),
     "cuda": (("fused", "fp16"), ("fused", "bf16"), ("fused", "fp32")),
 }
