@@ -89,8 +89,8 @@ def _load_model(method: int, weights, upsample):
     if weights is not None:
         return weights_mod.load_any(weights, method=method, **config), weights_mod.file_sha256(weights)
     default = weights_mod.default_weights(method)
-    if default is not None:
-        return weights_mod.load(default, **config), weights_mod.file_sha256(default)
+    if default is not None:  # bundled weights carry their own upsampling (--upsample is for random ones)
+        return weights_mod.load(default), weights_mod.file_sha256(default)
     print(f"sfs-export: warning: no weights for method {method}; exporting random, untrained weights",
           file=sys.stderr)
     return build_model(method, **config).eval(), None
