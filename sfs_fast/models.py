@@ -395,18 +395,26 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def calibrate_batchnorm(model: nn.Module, batches) -> nn.Module:
+def calibrate_batchnorm(model: nn.Module, batches, modules=None) -> nn.Module:
     """Set every BatchNorm's running statistics to the average over ``batches`` (an iterable
-    of ``[B,3,H,W]`` images) and return the model in eval mode.
+    of ``[B,3,H,W]`` images) and return the model in eval mode. ``modules``: names of the
+    top-level submodules whose BatchNorms are calibrated (the others keep their statistics
+    and run in eval mode meanwhile), or None for all of them.
 
     A freshly built model has mean 0 / var 1 statistics, under which activations grow through
     the trunk and relative errors mean little; benchmarks and tests of untrained models use this.
     """
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.momentum = None  # cumulative average over the calibration batches
-            m.reset_running_stats()
-    model.train()
+    norms = [m for name, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+             and (modules is None or name.split(".", 1)[0] in modules)]
+    for m in norms:
+        m.momentum = None  # cumulative average over the calibration batches
+        m.reset_running_stats()
+    if modules is None:
+        model.train()
+    else:
+        model.eval()
+        for m in norms:
+            m.train()
     with torch.no_grad():
         for x in batches:
             model(x)

@@ -145,3 +145,29 @@ def test_training_gradients_reach_heads():
     out["recon"].mean().backward()
     assert model.shading_residual_model.conv4.weight.grad.abs().sum() > 0
     assert model.light_estimator_model.fc.weight.grad.abs().sum() > 0
+
+
+def test_calibrate_batchnorm_only_named_modules():
+    """``modules=``: those BatchNorms get the batches' statistics; the others keep theirs and
+    the model comes back in eval mode."""
+    from sfs_fast.models import calibrate_batchnorm
+
+    torch.manual_seed(0)
+    model = build_model(1).eval()
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k}
+    x = torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    out = calibrate_batchnorm(model, [x], modules={"neural_light_model"})
+    assert out is model and not model.training and not any(m.training for m in model.modules())
+    after = model.state_dict()
+    for k, v in before.items():
+        if k.startswith("neural_light_model."):
+            assert not torch.equal(after[k], v), k
+        else:
+            assert torch.equal(after[k], v), k
+    bn = model.neural_light_model.conv1[1]  # its input, recomputed: the mean is that of the batch
+    with torch.no_grad():
+        feats = model.features(x)
+        up = torch.nn.functional.interpolate(model.head_input(feats, "NEW"), scale_factor=2.0, mode="bilinear",
+                                             align_corners=True)
+        pre = model.neural_light_model.conv1[0](up)
+    torch.testing.assert_close(bn.running_mean, pre.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)

@@ -185,12 +185,13 @@ class _DemoBased(dict):
     def __missing__(self, method):
         from sfs_fast import build_model, weights
         from sfs_fast.export.precision import example_faces
+        from sfs_fast.models import calibrate_batchnorm as calibrate
 
         path = weights.default_weights(method)
         if path is not None:
             self[method] = weights.load(path).eval()
             return self[method]
-        demo0, demo3 = (weights.load(weights.default_weights(m)).state_dict() for m in (0, 3))
+        demo0, demo3 = self[0].state_dict(), self[3].state_dict()
         torch.manual_seed(method)
         model = build_model(method)
         own, spec = model.state_dict(), METHODS[method]
@@ -201,14 +202,7 @@ class _DemoBased(dict):
                           for k, v in demo3.items() if k.startswith("shading_residual_model.")})
         model.load_state_dict(state, strict=False)
         untrained = {k.split(".")[0] for k in own if k not in state}
-        for name, m in model.named_modules():
-            if isinstance(m, torch.nn.BatchNorm2d) and name.split(".")[0] in untrained:
-                m.momentum = None
-                m.reset_running_stats()
-                m.train()
-        with torch.no_grad():
-            model(torch.from_numpy(example_faces()))
-        self[method] = model.eval()
+        self[method] = calibrate(model, [torch.from_numpy(example_faces())], modules=untrained)
         return self[method]
 
 
