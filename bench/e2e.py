@@ -101,8 +101,7 @@ def make_decomposer(path: str, model, *, device: str, threads: int | None, fused
 
         if "TensorrtExecutionProvider" not in onnxruntime.get_available_providers():
             raise PathUnavailable("onnxruntime has no TensorrtExecutionProvider here")
-        dec = _onnx_file_decomposer(model, "fp16", device="cuda", threads=threads, provider_device="tensorrt")
-        return dec
+        return _onnx_file_decomposer(model, "fp16", device="cuda", threads=threads, provider_device="tensorrt")
     if path in ONNX_PRECISION:
         try:
             import onnxruntime  # noqa: F401

@@ -71,6 +71,10 @@ class Decomposer:
             backend, precision = precision_mod.resolve(precision, backend, device)
         if backend not in BACKENDS and not (backend is None and precision == "auto"):
             raise ValueError(f"backend: unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
+        # checked before auto, which would take a refused candidate as a path that cannot run
+        if micro_batch is not None and (int(micro_batch) < 1 or backend not in ("fused", "compile", None)):
+            raise ValueError(f"micro_batch: a positive number of images for the fused or compile backend, "
+                             f"not {micro_batch!r} with {backend}")
         self.backend = backend
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -105,7 +109,7 @@ class Decomposer:
         self.model = self._resolve_model(model, method, weights)
         self.method = self.model.method
         self.output_names = output_names(self.method)
-        if micro_batch is not None and (int(micro_batch) < 1 or backend not in ("fused", "compile")):
+        if micro_batch is not None and backend not in ("fused", "compile"):
             raise ValueError(f"micro_batch: a positive number of images for the fused or compile backend, "
                              f"not {micro_batch!r} with {backend}")
         if micro_batch is None and backend in ("fused", "compile") and self.device.type == "cpu" \

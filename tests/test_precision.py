@@ -276,6 +276,8 @@ def test_micro_batch_slices_a_batch(demo_based):
     for bad, backend in ((0, "fused"), (2, "eager"), (2, "onnx")):
         with pytest.raises(ValueError, match="micro_batch"):
             Decomposer(model, backend=backend, micro_batch=bad)
+    with pytest.raises(ValueError, match="micro_batch"):  # not taken by auto as a path that cannot run
+        Decomposer(model, precision="auto", micro_batch=0)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
