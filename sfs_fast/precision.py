@@ -229,9 +229,9 @@ def float_islands(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> list
     residue or shading) and the linear layers. Measured on the demo weights (methods 0/3, 8
     check images): albedo 0.41% / 0.60% of range, light 0.32%, within budget.
 
-    bfloat16 (7 mantissa bits), the default: for a model with an ``ENCODER`` (the SfSNet models: the shared convolutions and the
-    residual trunks, all at 64x64 but the first two layers, about 80% of the FLOPs), every
-    layer outside it: the generation nets, the light estimator and the shading heads, whose
+    bfloat16 (7 mantissa bits), the default: for a model with an ``ENCODER`` (the SfSNet
+    models: the shared convolutions and the residual trunks, all at 64x64 but the first two
+    layers, about 80% of the FLOPs), every layer outside it: the generation nets, the light estimator and the shading heads, whose
     outputs are the results themselves, so a rounding step there is an error in an output.
     Inside the encoder, the convolution that reads the image (the picture is not rounded to
     8 significant bits). Any other model gets the float16 rule.
