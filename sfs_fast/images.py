@@ -25,7 +25,6 @@ Display mappings (documented in the command's help):
 from __future__ import annotations
 
 import math
-import os
 import stat
 import warnings
 from pathlib import Path
@@ -33,10 +32,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from sfs_fast.atomic import TEMP_PREFIX, atomic_write, remove_stale_temporaries
+
 INPUT_SIZE = 128
 DEFAULT_MAX_PIXELS = 100_000_000  # 100 megapixels: a 10000x10000 scan still passes
 FITS = ("crop", "pad")
-TEMP_PREFIX = ".sfs-tmp-"  # temporary files of atomic_write; a rerun removes stale ones
 IMAGE_EXTENSIONS = frozenset(ext.lower() for ext in Image.registered_extensions())
 
 Box = tuple  # (left, top, right, bottom) in the upright picture's pixels
@@ -267,26 +267,6 @@ def grid(rows, pad: int = 2) -> np.ndarray:
 # Writing
 
 
-def atomic_write(path, write) -> Path:
-    """Call ``write(file_object)`` on a temporary file in ``path``'s folder and rename it
-    onto ``path``: readers (and a rerun after a killed process) see no file or the whole
-    file. No fsync: this guards against interrupted processes, not power loss."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{TEMP_PREFIX}{os.getpid()}-{path.name}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        raise
-    return path
-
-
 def save_png(path, rgb: np.ndarray, compress_level: int = 1) -> Path:
     """Write uint8 ``[H,W,3]`` (or ``[H,W]``) as PNG, atomically. Level 1 compresses fast;
     the files are ~10% larger than at Pillow's default."""
@@ -304,20 +284,6 @@ def save_text(path, text: str) -> Path:
     """Write a text file (UTF-8), atomically."""
     data = text.encode("utf-8")
     return atomic_write(path, lambda f: f.write(data))
-
-
-def remove_stale_temporaries(folder) -> int:
-    """Delete temporary files left by a killed run under ``folder``; returns how many."""
-    count = 0
-    for root, _dirs, files in os.walk(folder):
-        for name in files:
-            if name.startswith(TEMP_PREFIX):
-                try:
-                    os.unlink(os.path.join(root, name))
-                    count += 1
-                except OSError:
-                    pass
-    return count
 
 
 def is_picture(path) -> bool:
