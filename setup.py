@@ -80,7 +80,7 @@ setup(
     packages=list(PACKAGE_DIR) + ["sfs_fast.cli"],
     package_dir=PACKAGE_DIR,
     # The CUDA sources are compiled on first use on a GPU machine, so they ship with the package.
-    package_data={"sfs_fast": ["data/*"], "sfs_fast.kernels": ["cuda/*.cu", "cuda/*.cpp", "csrc/*.h", "csrc/*.cpp"]},
+    package_data={"sfs_fast": ["data/*", "data/yunet/*"], "sfs_fast.kernels": ["cuda/*.cu", "cuda/*.cpp", "csrc/*.h", "csrc/*.cpp"]},
     include_package_data=True,
     ext_modules=cpu_kernels(),
     cmdclass={"build_ext": BuildExt},
@@ -99,6 +99,8 @@ setup(
         # (the later install silently wins and the CUDA provider disappears).
         "gpu": ["onnx>=1.15", "onnxruntime-gpu>=1.17", "onnxslim>=0.1.30", "triton>=3.0"],
         "plot": ["matplotlib>=3.5"],
+        # face detection (YuNet through cv2.FaceDetectorYN) and alignment: sfs_fast.faces
+        "faces": ["opencv-python-headless>=4.8"],
         "test": [
             "pytest>=7",
             "pybind11>=2.10",  # the CUDA binding's compile check needs its headers
@@ -106,6 +108,7 @@ setup(
             "onnxruntime>=1.17",
             "onnxslim>=0.1.30",
             "matplotlib>=3.5",
+            "opencv-python-headless>=4.8",
             "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
         ],
     },
