@@ -6,7 +6,8 @@ The official weights were trained on crops framed like the 19 SfSNet demo crops
 (``with_masks/*_face.png``, ``no_masks/*_face.png``, 128x128), so the template is where
 YuNet puts its 5 landmarks on those crops:
 
-1. per crop, YuNet's landmarks at 4 scales (the crop resized to 128, 192, 256 and 320 px,
+1. per crop, YuNet's landmarks as ``faces.detect_faces`` gives them (refined on an upright
+   256 px crop around the face, the way every photo's faces are measured) at 4 scales (the crop resized to 128, 192, 256 and 320 px,
    faces of ~100-300 px, the sizes it meets after the 640 shrink), mapped back to 128 px and
    the median taken per coordinate (one scale's jitter does not decide);
 2. the mean over the 19 crops;
@@ -18,7 +19,10 @@ The template mask: each of the 13 demo masks (512x512, the crop's framing) is ar
 to 128, moved into template coordinates with the same similarity transform the pipeline
 would use for that crop's landmarks, and the 13 and their 13 mirror images are combined by
 majority (a pixel is face where more than 13 of the 26 cover it more than half); the result is written as an 8-bit PNG.
-Prints the numbers pasted into ``sfs_fast/faces.py``.
+Prints the numbers pasted into ``sfs_fast/faces.py``. The refinement of step 1 aligns with
+the stored template, so the derivation is a fixed point: it was rerun with its own output
+pasted in until the output stopped changing (4 runs; the first, unrefined, landmarks gave
+``[[43.57, 45.30], [83.43, 45.30], [63.50, 68.13], [46.38, 86.66], [80.62, 86.66]]``).
 """
 from __future__ import annotations
 
@@ -90,7 +94,8 @@ def main(argv=None) -> int:
     lms = np.stack([crop_landmarks(load_rgb(c)) for c in crops])
     mean = lms.mean(0)
     axis = float(np.mean([(mean[0, 0] + mean[1, 0]) / 2, mean[2, 0], (mean[3, 0] + mean[4, 0]) / 2]))
-    template = symmetrize(mean, (faces.CROP_SIZE - 1) / 2)
+    # rounded as stored in sfs_fast/faces.py, so the mask below is the stored template's
+    template = np.round(symmetrize(mean, (faces.CROP_SIZE - 1) / 2), 2)
     print(f"crops: {len(crops)}; per-landmark std over crops (px): {np.round(lms.std(0), 2).tolist()}")
     print(f"mean landmarks: {np.round(mean, 2).tolist()}; measured axis x = {axis:.2f}")
     print("TEMPLATE = [" + ", ".join(f"[{x:.2f}, {y:.2f}]" for x, y in template) + "]")
