@@ -439,6 +439,97 @@ def is_face_crop(width: int, height: int, faces: list) -> tuple:
 
 
 # --------------------------------------------------------------------------------------
+# One picture: full-resolution reading and the per-picture decision
+
+FACE_MODES = ("auto", "detect", "off")
+
+
+def load_picture(path, max_pixels: int | None = None) -> np.ndarray:
+    """A picture at full resolution, upright, as ``uint8 [H,W,3]`` RGB, read the way
+    :func:`sfs_fast.images.load_image` reads it (format by content, EXIF orientation, any
+    mode, the size limit); raises :class:`sfs_fast.images.ImageError` with a one-line reason."""
+    from PIL import Image, ImageOps
+
+    from sfs_fast import images
+
+    im = images._open(path, max_pixels or images.DEFAULT_MAX_PIXELS)
+    try:
+        with im:
+            im.load()
+            rgb = images._to_rgb8(ImageOps.exif_transpose(im))
+            return np.ascontiguousarray(np.asarray(rgb, np.uint8))
+    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+        if isinstance(exc, images.ImageError):
+            raise
+        raise images.ImageError(f"cannot decode: {exc}") from None
+
+
+def load_picture_mask(path, size: tuple, max_pixels: int | None = None) -> np.ndarray:
+    """A user's mask for a whole picture, scaled to the picture's ``size`` ``(W, H)``:
+    float32 ``[H,W]`` in [0, 1]; alpha where it varies, else grey (as ``images.load_mask``)."""
+    from PIL import Image, ImageOps
+
+    from sfs_fast import images
+
+    im = images._open(path, max_pixels or images.DEFAULT_MAX_PIXELS)
+    try:
+        with im:
+            im.load()
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+                grey = im.convert("RGBA").getchannel("A") if images._alpha_varies(im) else im.convert("L")
+            else:
+                grey = images._to_rgb8(im).convert("L")
+            if grey.size != tuple(size):
+                grey = grey.resize(tuple(size), Image.Resampling.BILINEAR)
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        if isinstance(exc, images.ImageError):
+            raise
+        raise images.ImageError(f"mask cannot be decoded: {exc}") from None
+    return np.asarray(grey, np.float32) / 255.0
+
+
+@dataclass
+class FacePlan:
+    """What to feed the model for one picture.
+
+    Attributes:
+        as_is: use the whole picture as ``--faces off`` does (a tight crop already).
+        faces: the aligned faces otherwise (:class:`AlignedFace`), possibly empty.
+        reason: why: the :func:`is_face_crop` reason, or ``"no face found"``.
+    """
+
+    as_is: bool
+    faces: list
+    reason: str
+
+
+def plan_faces(rgb: np.ndarray, mode: str = "auto", *, max_faces: int | None = None,
+               min_face_size: float = 0.0, user_mask: np.ndarray | None = None,
+               score_threshold: float = SCORE_THRESHOLD) -> FacePlan:
+    """The ``--faces`` decision for one picture ``uint8 [H,W,3]``.
+
+    ``off``: as it is. ``detect``: every face found (at most ``max_faces``, boxes at least
+    ``min_face_size`` px), aligned and masked. ``auto``: as it is when :func:`is_face_crop`
+    says so, else as ``detect``. No face is a plan with no faces and reason "no face found".
+    """
+    if mode not in FACE_MODES:
+        raise ValueError(f"faces: expected one of {FACE_MODES}, got {mode!r}")
+    if mode == "off":
+        return FacePlan(True, [], "--faces off")
+    found = detect_faces(rgb, score_threshold=score_threshold, min_face_size=min_face_size)
+    if mode == "auto":
+        as_is, reason = is_face_crop(rgb.shape[1], rgb.shape[0], found)
+        if as_is:
+            return FacePlan(True, [], reason)
+    if not found:
+        return FacePlan(False, [], f"no face found (YuNet score >= {score_threshold:g}"
+                        + (f", box >= {min_face_size:g} px)" if min_face_size else ")"))
+    found = found if max_faces is None else found[:max_faces]
+    return FacePlan(False, align_faces(rgb, found, user_mask), f"{len(found)} face(s) detected")
+
+
+# --------------------------------------------------------------------------------------
 # Back on the photo
 
 FEATHER_PX = 4.0  # crop pixels: the mask is eroded by this and blurred over about as much

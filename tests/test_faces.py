@@ -413,3 +413,41 @@ def test_template_and_mask_are_what_the_tool_derives(tmp_path):
     printed = np.array(eval(line.split("=", 1)[1]))  # noqa: S307 - our own tool's output
     np.testing.assert_allclose(printed, F.TEMPLATE, atol=0.005)
     np.testing.assert_array_equal(rgb_of(mask_path)[..., 0] / 255.0, F.template_mask())
+
+
+# --------------------------------------------------------------------------------------
+# One picture
+
+
+def test_plan_faces_modes(tmp_path, hopper, group):
+    crop = rgb_of(EXAMPLES / "1_face.png")
+    assert F.plan_faces(crop, "auto").as_is
+    assert F.plan_faces(hopper, "off").as_is
+    detected = F.plan_faces(crop, "detect")
+    assert not detected.as_is and len(detected.faces) == 1
+    auto = F.plan_faces(hopper, "auto")
+    assert not auto.as_is and len(auto.faces) == 1 and auto.faces[0].image.shape == (3, 128, 128)
+    assert len(F.plan_faces(group[0], "auto", max_faces=4).faces) == 4
+    empty = F.plan_faces(np.random.default_rng(3).integers(0, 256, (480, 640, 3), dtype=np.uint8))
+    assert not empty.as_is and empty.faces == [] and empty.reason.startswith("no face found")
+    with pytest.raises(ValueError, match="faces"):
+        F.plan_faces(crop, "sometimes")
+    meta = auto.faces[0].meta()
+    assert set(meta) >= {"box", "landmarks", "score", "transform", "inverse", "scale", "rotation_deg"}
+    np.testing.assert_allclose(np.array(meta["inverse"]) @ np.vstack([meta["transform"], [0, 0, 1]]),
+                               np.eye(3)[:2], atol=1e-4)
+
+
+def test_load_picture_full_resolution_and_mask(tmp_path, hopper):
+    Image.fromarray(hopper).save(tmp_path / "h.png")
+    np.testing.assert_array_equal(F.load_picture(tmp_path / "h.png"), hopper)
+    (tmp_path / "bad.png").write_bytes(b"not a picture")
+    from sfs_fast.images import ImageError
+
+    with pytest.raises(ImageError):
+        F.load_picture(tmp_path / "bad.png")
+    mask = np.zeros((300, 256), np.uint8)
+    mask[:, :128] = 255
+    Image.fromarray(mask).save(tmp_path / "m.png")  # half the picture's resolution
+    full = F.load_picture_mask(tmp_path / "m.png", (512, 600))
+    assert full.shape == (600, 512) and full[:, :250].min() == 1 and full[:, 262:].max() == 0
