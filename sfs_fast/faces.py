@@ -578,7 +578,7 @@ def paste(picture: np.ndarray, pieces: list) -> tuple:
     """
     cv2 = _cv2()
     h, w = picture.shape[:2]
-    out = picture.astype(np.float32)
+    out = picture.copy()
     weight = np.zeros((h, w), np.float32)
     for m, result, alpha in pieces:
         roi = _roi(invert(m), CROP_SIZE, w, h)
@@ -594,10 +594,12 @@ def paste(picture: np.ndarray, pieces: list) -> tuple:
         a = cv2.warpAffine(np.asarray(alpha, np.float32), m_roi, size, flags=flags, borderValue=0)
         a = np.clip(a, 0.0, 1.0)
         region = out[y0:y1, x0:x1]
-        out[y0:y1, x0:x1] = region + a[..., None] * (res - region)
+        blended = region + a[..., None] * (res - region)
+        # only pixels with weight > 0 are written: the rest stay the input's bytes
+        touched = a > 0
+        region[touched] = np.clip(np.rint(blended[touched]), 0, 255).astype(np.uint8)
         weight[y0:y1, x0:x1] = np.maximum(weight[y0:y1, x0:x1], a)
-    composite = np.clip(np.rint(out), 0, 255).astype(np.uint8)
-    return np.where(weight[..., None] > 0, composite, picture), weight
+    return out, weight
 
 
 # --------------------------------------------------------------------------------------

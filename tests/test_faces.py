@@ -451,3 +451,23 @@ def test_load_picture_full_resolution_and_mask(tmp_path, hopper):
     Image.fromarray(mask).save(tmp_path / "m.png")  # half the picture's resolution
     full = F.load_picture_mask(tmp_path / "m.png", (512, 600))
     assert full.shape == (600, 512) and full[:, :250].min() == 1 and full[:, 262:].max() == 0
+
+
+def test_bench_faces_photos_and_bad_counts(capsys):
+    from sfs_fast.bench import faces as bench_faces
+    from sfs_fast.bench.cli import main
+
+    for n in (1, 6):
+        photo = bench_faces.group_photo(n)
+        assert photo.shape == (768, 1024, 3) and len(F.detect_faces(photo)) == n
+    assert main(["faces", "--faces", "9"]) == 2
+    assert "--faces" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_faces_runs_and_checks(capsys):
+    from sfs_fast.bench.cli import main
+
+    assert main(["faces", "--faces", "1,6", "--runs", "1", "--warmup", "0", "--backend", "eager"]) == 0
+    out = capsys.readouterr().out
+    assert "detect" in out and "face work / model" in out
