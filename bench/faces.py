@@ -13,7 +13,6 @@ the paste leaves the photo outside the masks as it was).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 
 import numpy as np
