@@ -662,6 +662,8 @@ def read_any_light(path) -> np.ndarray:
     if values.size == sh.N_LIGHT:
         return sh.read_light(path)
     if values.size == sh.N_COEFFS:
+        # TODO: use sh.py's DPR file reader once it has one (the reorder and the grey
+        # expansion already are sh.py's)
         return sh.grey_light(sh.dpr_to_sfsnet(values))
     raise ValueError(f"{path}: expected 27 (SfSNet) or 9 (DPR) light values, found {values.size}")
 
