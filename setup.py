@@ -79,7 +79,8 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGE_DIR) + ["sfs_fast.cli"],
     package_dir=PACKAGE_DIR,
-    # The CUDA sources are compiled on first use on a GPU machine, so they ship with the package.
+    # The CUDA sources are compiled on first use on a GPU machine, so they ship with the package,
+    # with csrc/sh_basis.h (the SH constants and basis), which the .cu includes as ../csrc/sh_basis.h.
     package_data={"sfs_fast": ["data/*"], "sfs_fast.kernels": ["cuda/*.cu", "cuda/*.cpp", "csrc/*.h", "csrc/*.cpp"]},
     include_package_data=True,
     ext_modules=cpu_kernels(),
