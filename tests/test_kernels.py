@@ -359,7 +359,10 @@ def test_compiled_sh_constants_equal_sfs_fast_sh():
 
 
 def test_backends_registry_lists_all():
-    assert {"reference", "compile", "cpu", "triton", "cuda"} <= set(BACKENDS)
+    """BACKENDS is the one tuple of shading backend names (other modules build choices from it)."""
+    assert BACKENDS == ("reference", "compile", "cpu", "triton", "cuda")
+    assert set(available_backends("cpu")) <= set(BACKENDS)
+    assert available_backends("meta") == ["reference", "compile"]
 
 
 def test_op_benchmark_runs_and_reports():
