@@ -285,3 +285,25 @@ def test_imports_point_one_way():
     for module in ("importers", "download", "errors"):
         assert not any(n.startswith("sfs_fast.weights") for n in _sfs_imports(module)), module
     assert {"sfs_fast.importers", "sfs_fast.download"} <= _sfs_imports("weights")
+
+
+def test_commands_take_registered_names(tmp_path, monkeypatch, capsys):
+    """--weights NAME reaches weights.load_any in the commands; an unknown name is one line."""
+    from PIL import Image
+
+    from sfs_fast.export.cli import main as export_main
+    from sfs_fast.cli.decompose import main as decompose_main
+    from sfs_fast.training.trainer import load_source_model
+
+    monkeypatch.setenv(download.HOME_ENV, str(tmp_path / "home"))
+    pics = tmp_path / "pics"
+    pics.mkdir()
+    Image.new("RGB", (40, 40), (180, 120, 90)).save(pics / "a.png")
+    assert decompose_main([str(pics), str(tmp_path / "out"), "--weights", "demo-3", "--backend", "eager"]) == 0
+    assert (tmp_path / "out" / "a_residue.png").is_file()  # method 3 ran: the name chose it
+    capsys.readouterr()
+    for main, argv in ((decompose_main, [str(pics), str(tmp_path / "o2")]), (export_main, ["--method", "0"])):
+        assert main(argv + ["--weights", "nosuch"]) != 0
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "nosuch: no such checkpoint or registered weights name" in err[0], err
+    assert load_source_model("demo-0", 3).weights_source["name"] == "demo-0"
