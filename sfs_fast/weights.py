@@ -22,7 +22,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -41,7 +40,8 @@ from sfs_fast.sh import CONVENTION
 
 __all__ = ["CheckpointError", "WeightsDownloadError", "WeightsEntry", "REGISTRY", "register", "save", "load",
            "load_any", "read_metadata", "fetch", "verify", "local_path", "default_weights",
-           "default_weights_note", "file_sha256", "tensors_sha256"]
+           "default_weights_note", "file_sha256", "tensors_sha256", "entry", "resolve", "cache_path",
+           "remove_cached", "WEIGHTS_DIR"]
 
 FORMAT = "sfs_fast"
 FORMAT_VERSION = "1"
@@ -371,7 +371,7 @@ def fetch(name: str, *, force: bool = False, progress: bool | None = None, log=_
             raise CheckpointError(f"{name}: the bundled file {WEIGHTS_DIR / e.filename} is missing from this install")
         return path
     dest = cache_path(name)
-    if not force and _cache_ok(dest, log):
+    if not force and dest.is_file() and _problem(dest) is None:
         return dest
     if download.offline():
         raise WeightsDownloadError(f"{name}: not cached, and {download.OFFLINE_ENV}=1 forbids downloading it from "
@@ -384,7 +384,9 @@ def fetch(name: str, *, force: bool = False, progress: bool | None = None, log=_
 
 
 def _cache_ok(dest: Path, log) -> bool:
-    """Whether a cache entry is present and whole; a damaged one is removed (and refetched)."""
+    """Whether a cache entry is present and whole; a damaged one is removed (and refetched).
+    Called with the entry's lock held, so that it never removes a file another process has
+    just written."""
     if not dest.is_file():
         return False
     problem = _problem(dest)
