@@ -42,6 +42,23 @@ def test_caffe_normal_channels_follow_the_synthetic_png_encoding(tmp_path):
     assert sh.CONVENTION["normal_frame"].startswith("x: image right") and "y: image up" in sh.NORMAL_FRAME
 
 
+def test_synthetic_training_data_is_in_the_frame():
+    """sfs-data synth (what the demo weights and sfs-train learn from) writes normals in
+    NORMAL_FRAME: the top of a face points up (+y), its right side right (+x), almost all of it
+    towards the viewer (+z), decoded as the loader does, (png - 128) / 128."""
+    from sfs_fast.training.synth import render_batch
+
+    batch = render_batch(np.random.default_rng(0), 4, size=48)
+    n, mask = (batch["normal"].astype(np.float64) - 128) / 128, batch["mask"] > 127
+
+    def mean(rows=slice(None), cols=slice(None)):
+        return n[:, rows, cols][mask[:, rows, cols]].mean(0)
+
+    assert mean(rows=slice(0, 16))[1] > 0.2 and mean(rows=slice(32, 48))[1] < -0.2
+    assert mean(cols=slice(32, 48))[0] > 0.2 and mean(cols=slice(0, 16))[0] < -0.2
+    assert (n[mask][:, 2] > 0).mean() > 0.98  # all but silhouette pixels of turned heads
+
+
 def test_checkpoints_record_and_enforce_the_frame(tmp_path):
     path = weights.save(build_model(0), tmp_path / "m0.safetensors")
     meta = weights.read_metadata(path)
