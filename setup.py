@@ -93,6 +93,8 @@ setup(
         "safetensors>=0.4",
         "h5py>=3.0",
         "tqdm>=4.60",
+        # the download lock of the weights cache (already a torch dependency)
+        "filelock>=3.0",
     ],
     extras_require={
         "onnx": ["onnx>=1.15", "onnxruntime>=1.17", "onnxslim>=0.1.30"],
@@ -113,6 +115,7 @@ setup(
     entry_points={
         "console_scripts": [
             "sfs-convert=sfs_fast.cli.convert:main",
+            "sfs-weights=sfs_fast.cli.weights:main",
             "sfs-decompose=sfs_fast.cli.decompose:main",
             "sfs-interpolate=sfs_fast.cli.interpolate:main",
             "sfs-export=sfs_fast.export.cli:main",

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused-off", type=_names, default=[], metavar="OPT[,OPT..]",
                    help="switch off rewrites of the fused path: fold_bn, conv_before_upsample, channels_last, "
                         "shading_backend (reference shading)")
-    p.add_argument("--weights", default=None, help="checkpoint to benchmark (default: bundled demo weights, "
+    p.add_argument("--weights", default=None, help="checkpoint or registered name (sfs-weights list) to benchmark (default: the "
+                                                   "method's default weights, "
                                                    "else random weights with calibrated BatchNorm)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's default)")

@@ -170,12 +170,12 @@ def transfer_pretrained(model, source) -> set:
 
 
 def load_source_model(path, method: int):
-    """Any importer's output (Caffe .h5, .pth/.pkl, ours) as a model to copy from."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"--load_pretrained_model {path}: no such file")
+    """Any importer's output (Caffe .h5, .pth/.pkl, ours) or registered weights (``sfsnet``)
+    as a model to copy from; an unknown path or name raises CheckpointError (one line)."""
     try:
         return weights_mod.load_any(path, method=method)
+    except weights_mod.WeightsDownloadError:
+        raise  # not a method mismatch: do not fetch twice
     except (ValueError, KeyError):
         # A file of another method (e.g. a method-0 checkpoint for method 3): load as stored.
         return weights_mod.load_any(path)

@@ -88,8 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="method id 0-7 or slug (default: the checkpoint's, else 0)")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--weights", metavar="CKPT", default=None,
-                     help="checkpoint (.safetensors, or .pth/.pkl/.caffemodel.h5 imported on the fly); "
-                          "default: the bundled demo weights of the method")
+                     help="checkpoint (.safetensors, or .pth/.pkl/.caffemodel.h5 imported on the fly) or a "
+                          "registered name (sfsnet, demo-0, demo-3: see sfs-weights list); default: the "
+                          "cached official SfSNet for method 0, else the bundled demo weights of the method")
     src.add_argument("--onnx", metavar="FILE", default=None,
                      help="an exported .onnx model (implies --backend onnx)")
     p.add_argument("--backend", choices=["eager", "fused", "compile", "onnx"], default=None,
@@ -423,8 +424,6 @@ def _make_decomposer(args, prog=PROG):
     backend = args.backend or ("onnx" if args.onnx or precision == "int8" else None if precision == "auto" else "fused")
     if args.onnx and backend != "onnx":
         raise CommandError("--onnx needs --backend onnx (or no --backend)")
-    if args.weights and not Path(args.weights).is_file():
-        raise CommandError(f"{args.weights}: no such checkpoint")
     if args.onnx and not Path(args.onnx).is_file():
         raise CommandError(f"{args.onnx}: no such ONNX file")
     with warnings.catch_warnings(record=True) as caught:

@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", metavar="OUT", help="output folder")
     p.add_argument("--method", default=None, help="method id 0-7 or slug (default: the checkpoint's, else 0)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--weights", metavar="CKPT", default=None, help="checkpoint (default: bundled demo weights)")
+    src.add_argument("--weights", metavar="CKPT", default=None, help="checkpoint or registered name such as sfsnet (see sfs-weights list); "
+                                                                            "default: as sfs-decompose")
     src.add_argument("--onnx", metavar="FILE", default=None, help="an exported .onnx model (implies --backend onnx)")
     p.add_argument("--backend", choices=["eager", "fused", "compile", "onnx"], default=None,
                    help="inference backend (default: fused; onnx with --onnx)")
