@@ -151,13 +151,15 @@ class ProgressBar:
 def print_summary(summary: Summary, load_s: float, as_json: bool) -> None:
     """The last line of a run: JSON on stdout, or one sentence on stderr."""
     data = {**summary.to_dict(), "load_s": round(load_s, 3)}
+    stopped = (f"interrupted by {summary.interrupted} ({summary.remaining} inputs left for a rerun); "
+               if summary.interrupted else "")
     if as_json:
         print(json.dumps(data))
+        if stopped:  # a stopped run says so where people look, whatever the format
+            print(f"{PROG}: {stopped.rstrip('; ')}", file=sys.stderr)
         return
     wall, ok = data["wall_s"], summary.ok
     rate = f", {data['images_per_s']:.1f} images/s" if ok and data["images_per_s"] else ""
-    stopped = (f"interrupted by {summary.interrupted} ({summary.remaining} inputs left for a rerun); "
-               if summary.interrupted else "")
     print(f"{PROG}: {stopped}{ok} ok, {summary.skipped} skipped, {summary.failed} failed in {wall:.1f} s{rate} "
           f"({data['backend']} {data['precision'] or 'fp32'}); manifest {summary.manifest}", file=sys.stderr)
 
