@@ -492,29 +492,41 @@ def outputs_exist(paths) -> bool:
 
 class Manifest:
     """``OUT/manifest.jsonl``: lines appended as inputs finish (one ``write`` each, so a killed
-    run leaves whole lines), compacted to one line per input by :meth:`close`."""
+    run leaves whole lines), compacted to one line per input by :meth:`close`.
+
+    Rows are held as their JSON text, not as dicts (a few times smaller), so a run over many
+    pictures keeps its memory flat; :meth:`previous_row` parses one when asked."""
 
     def __init__(self, out_dir: Path):
         self.path = Path(out_dir) / MANIFEST
-        self.previous = self.read(self.path)
+        self._previous = self.read_lines(self.path)
         self.lock = threading.Lock()
         self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 
     @staticmethod
-    def read(path: Path) -> dict:
-        """input -> its latest whole line."""
-        entries = {}
+    def read_lines(path: Path) -> dict:
+        """input -> the text of its latest whole line."""
+        lines = {}
         try:
-            lines = Path(path).read_text(encoding="utf-8").splitlines()
+            with open(path, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        lines[json.loads(line)["input"]] = line.rstrip("\n")
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a line cut by a killed run
         except (OSError, UnicodeDecodeError):
-            return entries
-        for line in lines:
-            try:
-                entry = json.loads(line)
-                entries[entry["input"]] = entry
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut by a killed run
-        return entries
+            pass
+        return lines
+
+    @classmethod
+    def read(cls, path: Path) -> dict:
+        """input -> its latest whole line, parsed."""
+        return {key: json.loads(line) for key, line in cls.read_lines(path).items()}
+
+    def previous_row(self, key: str) -> dict | None:
+        """The row that an earlier run wrote for input ``key``, or None."""
+        line = self._previous.get(key)
+        return None if line is None else json.loads(line)
 
     def write(self, entry: dict) -> None:
         data = (json.dumps(entry, ensure_ascii=False) + "\n").encode("utf-8")
@@ -524,10 +536,11 @@ class Manifest:
     def close(self, order: list[str]) -> None:
         """Rewrite the manifest with the latest line of every input, ``order`` first."""
         os.close(self.fd)
-        latest = self.read(self.path)
+        self._previous = {}
+        latest = self.read_lines(self.path)
         ordered = set(order)
         keys = [k for k in order if k in latest] + [k for k in latest if k not in ordered]
-        images.save_text(self.path, "".join(json.dumps(latest[k], ensure_ascii=False) + "\n" for k in keys))
+        images.save_text(self.path, "".join(latest[k] + "\n" for k in keys))
 
 
 # --------------------------------------------------------------------------------------
@@ -623,7 +636,7 @@ class FolderRun:
         """The outputs of ``item`` that a rerun keeps, or None when it must be done."""
         if self.options.overwrite or item.error is not None:
             return None
-        row = self.manifest.previous.get(item.key)
+        row = self.manifest.previous_row(item.key)
         if row_is_done(row, self.out_dir, self.options.formats):
             return [self.out_dir / p for p in row["outputs"]]
         if self.prepare is prepare_picture:  # outputs known in advance: files without a line count too
@@ -641,7 +654,7 @@ class FolderRun:
             if files is None:
                 todo.append(item)
                 continue
-            old = self.manifest.previous.get(item.key, {})
+            old = self.manifest.previous_row(item.key) or {}
             meta = {k: old[k] for k in ("crop", "size") if k in old}
             row = manifest_row(Picture(item, meta=meta), "skipped", "outputs exist (--overwrite redoes them)",
                                files, out_dir=self.out_dir, formats=self.options.formats, timings={})
