@@ -726,8 +726,8 @@ class FolderRun:
         files, error = [], None
         try:
             files = encode_crop(state.picture.crops[index], outputs, self.out_dir, self.options.formats)
-        except (OSError, ValueError) as exc:
-            error = f"cannot write outputs: {exc}"
+        except Exception as exc:  # noqa: BLE001 - a full disk or an odd output fails this input, not the run
+            error = f"cannot write outputs: {_first_line(exc)}"
         timings = {"infer_ms": infer_ms, "encode_ms": (time.perf_counter() - t0) * 1e3}
         self.crop_done(state, index, files, outputs, error, timings)
 
@@ -820,7 +820,8 @@ def decompose_folder(inputs, out_dir, decomposer, options: FolderOptions | None 
     out_dir = Path(out_dir)
     items = _as_items(inputs, out_dir, options)
     if not items:
-        raise PipelineError(f"{inputs}: no pictures found")
+        raise PipelineError(f"{inputs}: no pictures found" if isinstance(inputs, (str, os.PathLike))
+                            else "no pictures given")
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
