@@ -3,6 +3,7 @@
     sfs-bench e2e --method 0,3 --batch 1,16 --json e2e.json --markdown e2e.md --plot e2e.png
     sfs-bench op                      # the shading op micro benchmark (sfs_fast.bench.op)
     sfs-bench train --method all --batch 2
+    sfs-bench folder                  # the folder pipeline's peak RSS at 200 and 2,000 pictures
 
 Every figure is a median of ``--runs`` timed runs after ``--warmup`` untimed ones, inputs
 rotated, threads pinned; every path is compared with the baseline in the same run.
@@ -182,6 +183,9 @@ def _run_op(args, log) -> dict:
 
 
 def main(argv=None) -> int:
+    if list(sys.argv[1:] if argv is None else argv)[:1] == ["folder"]:  # own flags: bench/folder.py
+        from .folder import main as folder_main
+        return folder_main(list(sys.argv[2:] if argv is None else argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
