@@ -50,14 +50,8 @@ def _fixed_batch(trainer, n=2):
 
 def _train_mode_loss(trainer, batch):
     """The stage's supervised loss with batch statistics (the model is in training)."""
-    with torch.no_grad():
-        trainer.set_train_mode()
-        if trainer.stage_spec.albedo_only:
-            out = {"albedo": trainer.generated_albedo(trainer.model.features(batch["face"]))}
-        else:
-            out = trainer.model(batch["face"])
-        total, _ = trainer._supervised(out, batch)
-    return float(total)
+    trainer.set_train_mode()
+    return trainer.stage_loss(batch)
 
 
 @pytest.mark.parametrize("method", range(8))

@@ -265,10 +265,15 @@ class Trainer:
         return L.compute_losses(self.table(stage), outputs, batch, mask_losses=self.opts.mask_losses,
                                 normalize=self.model.config.normalize, backend=self.model.config.shading_backend)
 
-    @torch.no_grad()
     def batch_loss(self, batch: dict) -> float:
         """The supervised loss of the current stage on ``batch`` (no update; eval mode)."""
         self.model.eval()
+        return self.stage_loss(batch)
+
+    @torch.no_grad()
+    def stage_loss(self, batch: dict) -> float:
+        """The supervised loss of the current stage on ``batch``, no update, with the modules
+        in the modes they are in (after :meth:`set_train_mode`: with batch statistics)."""
         batch = self.to_device(batch)
         if self.stage_spec.albedo_only:
             outputs = {"albedo": self.generated_albedo(self.model.features(batch["face"]))}
@@ -341,10 +346,45 @@ class Trainer:
 
     def _step_joint_gan(self, batch):
         """An adversarial stage of the whole model (method 5, final version): D step on real
-        synthetic albedos vs G(F*), then the generator + pipeline step on supervised + weight * GAN."""
-        model, D, w = self.model, self.disc, self.gan.weight
-        feats = model.features(batch["face"])
+        albedos vs G(F*), then the generator + pipeline step on supervised + weight * GAN."""
+        feats = self.model.features(batch["face"])
         fake = self.generated_albedo(feats)
+        loss_d = self._discriminator_step(batch, fake)
+        parts = self._generator_step(self.model.decompose_features(feats, albedo=fake), fake, batch)
+        return {**parts, "gan_d": loss_d}
+
+    def _step_generator_stage(self, batch):
+        """An ``albedo_only`` stage (methods 6/7, stage 1): generator step (supervised + GAN),
+        then D step. With ``gan.real == "synthetic"`` (6) D sees synthetic GT albedos as real;
+        with ``"batch"`` (7) the batch's own albedos with their labels (1 synthetic, 0 CelebA
+        pseudo label)."""
+        fake = self.generated_albedo(self.model.features(batch["face"]))
+        # The pipeline optimiser steps too, so albedo_residual_model_2 learns in this stage as
+        # in the earlier version (fcef6d58); the later one computed its gradients and dropped
+        # them, then froze it.
+        parts = self._generator_step({"albedo": fake}, fake, batch)
+        return {**parts, "gan_d": self._discriminator_step(batch, fake)}
+
+    def _generator_step(self, outputs: dict, fake: torch.Tensor, batch: dict) -> dict:
+        """One step of the generator's and the pipeline's optimizers on the supervised loss of
+        ``outputs`` plus ``gan.weight`` times the GAN loss of ``fake``; D is frozen meanwhile."""
+        self.disc.requires_grad_(False)
+        try:
+            supervised, parts = self._supervised(outputs, batch)
+            loss_gan = L.gan_mse(self._disc(fake), 1.0)
+            total = supervised + self.gan.weight * loss_gan
+            self._check("loss", total, parts)
+            self.opt.zero_grad(set_to_none=True)
+            self.g_opt.zero_grad(set_to_none=True)
+            total.backward()
+            self.g_opt.step()
+            self.opt.step()
+        finally:
+            self.disc.requires_grad_(True)
+        return {"total": total.detach(), **parts, "gan_g": loss_gan.detach()}
+
+    def _discriminator_step(self, batch: dict, fake: torch.Tensor) -> torch.Tensor:
+        """One D step: real albedos (:meth:`_real_albedos`) against the detached ``fake``."""
         real, real_target = self._real_albedos(batch)
         # FIX-gan-target-shape: targets shaped like D's output.
         loss_d = 0.5 * (L.gan_mse(self._disc(real), real_target) + L.gan_mse(self._disc(fake.detach()), 0.0))
@@ -352,54 +392,7 @@ class Trainer:
         self.d_opt.zero_grad(set_to_none=True)
         loss_d.backward()
         self.d_opt.step()
-
-        D.requires_grad_(False)
-        try:
-            outputs = model.decompose_features(feats, albedo=fake)
-            supervised, parts = self._supervised(outputs, batch)
-            loss_gan = L.gan_mse(self._disc(fake), 1.0)
-            total = supervised + w * loss_gan
-            self._check("loss", total, parts)
-            self.opt.zero_grad(set_to_none=True)
-            self.g_opt.zero_grad(set_to_none=True)
-            total.backward()
-            self.g_opt.step()
-            self.opt.step()
-        finally:
-            D.requires_grad_(True)
-        return {"total": total.detach(), **parts, "gan_g": loss_gan.detach(), "gan_d": loss_d.detach()}
-
-    def _step_generator_stage(self, batch):
-        """An ``albedo_only`` stage (methods 6/7, stage 1): generator step (supervised + GAN),
-        then D step. With ``gan.real == "synthetic"`` (6) D sees synthetic GT albedos as real;
-        with ``"batch"`` (7) the batch's own albedos with their labels (1 synthetic, 0 CelebA
-        pseudo label)."""
-        model, D, w = self.model, self.disc, self.gan.weight
-        feats = model.features(batch["face"])
-        fake = self.generated_albedo(feats)
-        D.requires_grad_(False)
-        try:
-            supervised, parts = self._supervised({"albedo": fake}, batch)
-            loss_gan = L.gan_mse(self._disc(fake), 1.0)
-            total = supervised + w * loss_gan
-            self._check("loss", total, parts)
-            self.opt.zero_grad(set_to_none=True)
-            self.g_opt.zero_grad(set_to_none=True)
-            total.backward()
-            self.g_opt.step()
-            # The pipeline optimiser steps too, so albedo_residual_model_2 learns in this stage
-            # as in the earlier version (fcef6d58); the later one computed its gradients and
-            # dropped them, then froze it.
-            self.opt.step()
-        finally:
-            D.requires_grad_(True)
-        real, real_target = self._real_albedos(batch)
-        loss_d = 0.5 * (L.gan_mse(self._disc(real), real_target) + L.gan_mse(self._disc(fake.detach()), 0.0))
-        self._check("discriminator loss", loss_d)
-        self.d_opt.zero_grad(set_to_none=True)
-        loss_d.backward()
-        self.d_opt.step()
-        return {"total": total.detach(), **parts, "gan_g": loss_gan.detach(), "gan_d": loss_d.detach()}
+        return loss_d.detach()
 
     # ---------------------------------------------------------------- evaluation
 
