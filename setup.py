@@ -79,7 +79,8 @@ setup(
     python_requires=">=3.10",
     packages=list(PACKAGE_DIR) + ["sfs_fast.cli"],
     package_dir=PACKAGE_DIR,
-    # The CUDA sources are compiled on first use on a GPU machine, so they ship with the package.
+    # The CUDA sources are compiled on first use on a GPU machine, so they ship with the package,
+    # with csrc/sh_basis.h (the SH constants and basis), which the .cu includes as ../csrc/sh_basis.h.
     package_data={"sfs_fast": ["data/*", "data/yunet/*"], "sfs_fast.kernels": ["cuda/*.cu", "cuda/*.cpp", "csrc/*.h", "csrc/*.cpp"]},
     include_package_data=True,
     ext_modules=cpu_kernels(),
@@ -92,6 +93,8 @@ setup(
         "safetensors>=0.4",
         "h5py>=3.0",
         "tqdm>=4.60",
+        # the download lock of the weights cache (already a torch dependency)
+        "filelock>=3.0",
     ],
     extras_require={
         "onnx": ["onnx>=1.15", "onnxruntime>=1.17", "onnxslim>=0.1.30"],
@@ -115,6 +118,7 @@ setup(
     entry_points={
         "console_scripts": [
             "sfs-convert=sfs_fast.cli.convert:main",
+            "sfs-weights=sfs_fast.cli.weights:main",
             "sfs-decompose=sfs_fast.cli.decompose:main",
             "sfs-interpolate=sfs_fast.cli.interpolate:main",
             "sfs-export=sfs_fast.export.cli:main",

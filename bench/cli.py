@@ -3,6 +3,7 @@
     sfs-bench e2e --method 0,3 --batch 1,16 --json e2e.json --markdown e2e.md --plot e2e.png
     sfs-bench op                      # the shading op micro benchmark (sfs_fast.bench.op)
     sfs-bench train --method all --batch 2
+    sfs-bench folder                  # the folder pipeline's peak RSS at 200 and 2,000 pictures
     sfs-bench faces                   # detection + alignment + paste-back per photo, beside the model
 
 Every figure is a median of ``--runs`` timed runs after ``--warmup`` untimed ones, inputs
@@ -64,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fused-off", type=_names, default=[], metavar="OPT[,OPT..]",
                    help="switch off rewrites of the fused path: fold_bn, conv_before_upsample, channels_last, "
                         "shading_backend (reference shading)")
-    p.add_argument("--weights", default=None, help="checkpoint to benchmark (default: bundled demo weights, "
+    p.add_argument("--weights", default=None, help="checkpoint or registered name (sfs-weights list) to benchmark (default: the "
+                                                   "method's default weights, "
                                                    "else random weights with calibrated BatchNorm)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's default)")
@@ -182,6 +184,9 @@ def _run_op(args, log) -> dict:
 
 
 def main(argv=None) -> int:
+    if list(sys.argv[1:] if argv is None else argv)[:1] == ["folder"]:  # own flags: bench/folder.py
+        from .folder import main as folder_main
+        return folder_main(list(sys.argv[2:] if argv is None else argv[1:]))
     if list(sys.argv[1:] if argv is None else argv)[:1] == ["faces"]:  # own flags: bench/faces.py
         from .faces import main as faces_main
         return faces_main(list(sys.argv[2:] if argv is None else argv[1:]))

@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output .onnx file (default: method{N}-{slug}[-fp16|-int8].onnx here), "
                         "or the folder with --all (default: onnx/)")
     p.add_argument("--weights", default=None,
-                   help="checkpoint (safetensors, Caffe .h5, .pth/.pkl); default: the bundled weights of "
+                   help="checkpoint (safetensors, Caffe .h5, .pth/.pkl) or registered name (sfsnet, demo-0, "
+                        "demo-3: sfs-weights list); default: the default weights of "
                         "the method, else random (untrained) weights with a warning")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX opset, {MIN_OPSET}-{MAX_OPSET} (default {DEFAULT_OPSET})")
@@ -88,7 +89,8 @@ def _load_model(method: int, weights, upsample):
 
     config = {} if upsample is None else {"upsample": upsample}
     if weights is not None:
-        return weights_mod.load_any(weights, method=method, **config), weights_mod.file_sha256(weights)
+        model = weights_mod.load_any(weights, method=method, **config)  # a path or a registered name
+        return model, model.weights_source["sha256"]
     default = weights_mod.default_weights(method)
     if default is not None:  # bundled weights carry their own upsampling (--upsample is for random ones)
         return weights_mod.load(default), weights_mod.file_sha256(default)
@@ -118,8 +120,6 @@ def export_command(args) -> int:
         raise CommandError(f"--int8-layers applies to int8 exports, not {precision}")
     if args.atol is not None and not args.atol > 0:
         raise CommandError(f"--atol must be positive, got {args.atol}")
-    if args.weights is not None and not Path(args.weights).is_file():
-        raise CommandError(f"{args.weights}: no such file")
     if args.all:
         if args.weights is not None:
             raise CommandError("--weights holds one method; it cannot be used with --all")

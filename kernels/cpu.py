@@ -1,13 +1,14 @@
 """The ``cpu`` backend: tensors in, the C++ kernels of ``kernels/csrc`` (module ``_cpu``) on raw buffers.
 
-Each input is made contiguous once; outputs are new contiguous tensors of the input dtype.
-The light travels in the accumulation type (float32, or float64 for float64 inputs), and the
-light gradient comes back as per-row partial sums ``[B*H, 27]`` that are reduced here once
-(deterministic for any thread count).
+Each input is made contiguous once; outputs are new contiguous tensors of the input dtype
+(:mod:`._launch`). The kernels write one light-gradient partial sum per image row, so a row is
+this backend's tile: ``partial [B, H, 27]``, reduced once (deterministic for any thread count).
 """
 from __future__ import annotations
 
 import torch
+
+from ._launch import DTYPE_CODES, backward_call, forward_call, ptr
 
 try:
     from . import _cpu
@@ -17,19 +18,9 @@ except ImportError as exc:  # the optional extension was not built
 else:
     IMPORT_ERROR = None
 
-DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-
 
 def available(device: torch.device) -> bool:
     return _cpu is not None and device.type == "cpu"
-
-
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _ptr(t):
-    return 0 if t is None else t.data_ptr()
 
 
 def _sync_threads():
@@ -39,21 +30,14 @@ def _sync_threads():
         _cpu.set_threads(n)
 
 
-def _contig(t):
-    return None if t is None else t.contiguous()
-
-
 def forward(normal, light, residue, albedo, normalize: bool, beta: float):
     """``[B,3,H,W]`` normal/residue/albedo, ``[B,27]`` light -> (shading, recon or None), contiguous."""
-    normal, residue, albedo = _contig(normal), _contig(residue), _contig(albedo)
-    light = light.to(_acc_dtype(normal.dtype)).contiguous()
-    b, _, h, w = normal.shape
-    shading = torch.empty_like(normal, memory_format=torch.contiguous_format)
-    recon = None if albedo is None else torch.empty_like(shading)
+    c = forward_call(normal, light, residue, albedo)
+    b, _, h, w = c.normal.shape
     _sync_threads()
-    _cpu.forward(DTYPE_CODES[normal.dtype], b, h, w, _ptr(normal), _ptr(light), _ptr(residue), _ptr(albedo),
-                 float(beta), bool(normalize), _ptr(shading), _ptr(recon))
-    return shading, recon
+    _cpu.forward(DTYPE_CODES[c.normal.dtype], b, h, w, ptr(c.normal), ptr(c.light), ptr(c.residue), ptr(c.albedo),
+                 float(beta), bool(normalize), ptr(c.shading), ptr(c.recon))
+    return c.shading, c.recon
 
 
 def backward(normal, light, residue, albedo, grad_shading, grad_recon, normalize: bool, beta: float):
@@ -61,20 +45,10 @@ def backward(normal, light, residue, albedo, grad_shading, grad_recon, normalize
 
     ``grad_recon`` is used only when ``albedo`` is given (it may be None otherwise).
     """
-    normal, residue, albedo = _contig(normal), _contig(residue), _contig(albedo)
-    grad_shading = grad_shading.to(normal.dtype).contiguous()
-    if albedo is not None:
-        grad_recon = torch.zeros_like(albedo) if grad_recon is None else grad_recon.to(normal.dtype).contiguous()
-    acc = _acc_dtype(normal.dtype)
-    light_acc = light.to(acc).contiguous()
-    b, _, h, w = normal.shape
-    grad_normal = torch.empty_like(normal)
-    grad_residue = None if residue is None else torch.empty_like(normal)
-    grad_albedo = None if albedo is None else torch.empty_like(normal)
-    partial = torch.empty(b * h, 27, dtype=acc)
+    c = backward_call(normal, light, residue, albedo, grad_shading, grad_recon, tiles=normal.shape[2])
+    b, _, h, w = c.normal.shape
     _sync_threads()
-    _cpu.backward(DTYPE_CODES[normal.dtype], b, h, w, _ptr(normal), _ptr(light_acc), _ptr(residue), _ptr(albedo),
-                  float(beta), bool(normalize), _ptr(grad_shading), _ptr(grad_recon if albedo is not None else None),
-                  _ptr(grad_normal), _ptr(grad_residue), _ptr(grad_albedo), _ptr(partial))
-    grad_light = partial.view(b, h, 27).sum(1).to(light.dtype)
-    return grad_normal, grad_light, grad_residue, grad_albedo
+    _cpu.backward(DTYPE_CODES[c.normal.dtype], b, h, w, ptr(c.normal), ptr(c.light), ptr(c.residue), ptr(c.albedo),
+                  float(beta), bool(normalize), ptr(c.grad_shading), ptr(c.grad_recon), ptr(c.grad_normal),
+                  ptr(c.grad_residue), ptr(c.grad_albedo), ptr(c.partial))
+    return c.grad_normal, c.grad_light(), c.grad_residue, c.grad_albedo

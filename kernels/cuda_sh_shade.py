@@ -3,7 +3,9 @@
 ``torch.utils.cpp_extension.load`` builds ``sh_shade_kernels.cu`` and its pybind11 binding
 once per machine into a cache folder (``$SFS_FAST_CUDA_BUILD_DIR``, else
 ``$TORCH_EXTENSIONS_DIR`` / torch's default), then reuses it. Kernels take raw device pointers
-and the current stream; tensors are made contiguous once, like the cpu backend.
+and the current stream; tensors are prepared by :mod:`._launch`, like the cpu backend. The
+backward's partial-sum buffer is sized from the tile geometry the compiled module reports
+(:func:`tile_geometry`), never from a copy of it here.
 """
 from __future__ import annotations
 
@@ -13,9 +15,10 @@ from pathlib import Path
 
 import torch
 
+from ._launch import DTYPE_CODES, backward_call, check_grid_batch, forward_call, ptr, tile_count
+
 SOURCE_DIR = Path(__file__).resolve().parent / "cuda"
 SOURCES = [SOURCE_DIR / "sh_shade_binding.cpp", SOURCE_DIR / "sh_shade_kernels.cu"]
-DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
 
 _module = None
 _lock = threading.Lock()
@@ -35,6 +38,7 @@ def load():
             build_dir = os.environ.get("SFS_FAST_CUDA_BUILD_DIR")
             if build_dir:
                 os.makedirs(build_dir, exist_ok=True)
+            # The .cu includes ../csrc/sh_basis.h (shipped as package data); ninja tracks it.
             _module = cpp_load(name="sfs_fast_sh_shade_cuda", sources=[str(s) for s in SOURCES],
                                build_directory=build_dir, extra_cflags=["-O3"],
                                extra_cuda_cflags=["-O3"],
@@ -42,24 +46,20 @@ def load():
     return _module
 
 
-def _acc_dtype(dtype):
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def tile_geometry(module) -> tuple:
+    """``(block_h, block_w)``: the pixels of one thread block's tile, as ``module`` reports it."""
+    report = getattr(module, "tile_geometry", None)
+    if report is None:
+        raise RuntimeError("the cached CUDA shading module predates tile_geometry(); delete its build folder "
+                           "so that it is rebuilt from the current sources")
+    geometry = tuple(report())
+    tile_count(1, 1, geometry)  # raises on a malformed report
+    return geometry
 
 
-def _ptr(t):
-    return 0 if t is None else t.data_ptr()
-
-
-def _contig(t):
-    return None if t is None else t.contiguous()
-
-
-MAX_BATCH = 65535  # the batch is the launch grid's second axis (grid.y), limited to 2^16 - 1
-
-
-def _check_batch(normal):
-    if normal.shape[0] > MAX_BATCH:
-        raise ValueError(f"normal: batch {normal.shape[0]} exceeds {MAX_BATCH}, the most one launch takes; split it")
+def light_partial_tiles(module, h: int, w: int) -> int:
+    """Partial light sums per image the module's backward writes for an ``h x w`` image."""
+    return tile_count(h, w, tile_geometry(module))
 
 
 def _stream(device):
@@ -69,39 +69,27 @@ def _stream(device):
 def forward(normal, light, residue, albedo, normalize: bool, beta: float):
     """``[B,3,H,W]`` normal/residue/albedo, ``[B,27]`` light -> (shading, recon or None), contiguous."""
     mod = load()
-    _check_batch(normal)
-    normal, residue, albedo = _contig(normal), _contig(residue), _contig(albedo)
-    light = light.to(_acc_dtype(normal.dtype)).contiguous()
-    b, _, h, w = normal.shape
-    shading = torch.empty_like(normal, memory_format=torch.contiguous_format)
-    recon = None if albedo is None else torch.empty_like(shading)
-    with torch.cuda.device(normal.device):
-        mod.forward(DTYPE_CODES[normal.dtype], b, h, w, _ptr(normal), _ptr(light), _ptr(residue), _ptr(albedo),
-                    float(beta), bool(normalize), _ptr(shading), _ptr(recon), _stream(normal.device))
-    return shading, recon
+    check_grid_batch(normal)
+    c = forward_call(normal, light, residue, albedo)
+    b, _, h, w = c.normal.shape
+    with torch.cuda.device(c.normal.device):
+        mod.forward(DTYPE_CODES[c.normal.dtype], b, h, w, ptr(c.normal), ptr(c.light), ptr(c.residue),
+                    ptr(c.albedo), float(beta), bool(normalize), ptr(c.shading), ptr(c.recon),
+                    _stream(c.normal.device))
+    return c.shading, c.recon
 
 
 def backward(normal, light, residue, albedo, grad_shading, grad_recon, normalize: bool, beta: float):
     """Gradients ``(normal [B,3,H,W], light [B,27], residue or None, albedo or None)``."""
     mod = load()
-    _check_batch(normal)
-    normal, residue, albedo = _contig(normal), _contig(residue), _contig(albedo)
-    grad_shading = grad_shading.to(normal.dtype).contiguous()
-    if albedo is not None:
-        grad_recon = torch.zeros_like(albedo) if grad_recon is None else grad_recon.to(normal.dtype).contiguous()
-    else:
-        grad_recon = None
-    acc = _acc_dtype(normal.dtype)
-    light_acc = light.to(acc).contiguous()
+    check_grid_batch(normal)
     b, _, h, w = normal.shape
-    grad_normal = torch.empty_like(normal)
-    grad_residue = None if residue is None else torch.empty_like(normal)
-    grad_albedo = None if albedo is None else torch.empty_like(normal)
-    tiles = ((h + 7) // 8) * ((w + 31) // 32)  # the kernels' 8 x 32 tiles
-    partial = torch.empty(b, tiles, 27, dtype=acc, device=normal.device)
-    with torch.cuda.device(normal.device):
-        mod.backward(DTYPE_CODES[normal.dtype], b, h, w, _ptr(normal), _ptr(light_acc), _ptr(residue),
-                     _ptr(albedo), float(beta), bool(normalize), _ptr(grad_shading), _ptr(grad_recon),
-                     _ptr(grad_normal), _ptr(grad_residue), _ptr(grad_albedo), _ptr(partial),
-                     _stream(normal.device))
-    return grad_normal, partial.sum(1).to(light.dtype), grad_residue, grad_albedo
+    c = backward_call(normal, light, residue, albedo, grad_shading, grad_recon,
+                      tiles=light_partial_tiles(mod, h, w))
+    with torch.cuda.device(c.normal.device):
+        # The binding refuses a partial sized for other tiles than the kernels' (no overrun).
+        mod.backward(DTYPE_CODES[c.normal.dtype], b, h, w, ptr(c.normal), ptr(c.light), ptr(c.residue),
+                     ptr(c.albedo), float(beta), bool(normalize), ptr(c.grad_shading), ptr(c.grad_recon),
+                     ptr(c.grad_normal), ptr(c.grad_residue), ptr(c.grad_albedo), ptr(c.partial),
+                     c.partial.shape[1], _stream(c.normal.device))
+    return c.grad_normal, c.grad_light(), c.grad_residue, c.grad_albedo

@@ -3,7 +3,7 @@
 Programs are 2-D tiles of ``BLOCK_H x BLOCK_W`` pixels, one program per tile per image
 (grid ``(tiles_h * tiles_w, B)``). The backward writes each program's 27 light-gradient sums
 to ``partial[B, tiles, 27]``, reduced once by the launcher (no atomics). Accumulation is
-float32 (float64 for float64 tensors).
+float32 (float64 for float64 tensors); the launchers' tensor preparation is :mod:`._launch`'s.
 
 On a machine without a GPU it runs under the Triton interpreter: set ``TRITON_INTERPRET=1``
 before triton is imported; then it takes CPU tensors (that is how its tests run).
@@ -21,6 +21,8 @@ except ImportError:  # triton is optional (Linux x86-64 GPU installs)
     triton = None
 
 from sfs_fast.sh import C1, C2, C3, C4, C5, NORMAL_EPS
+
+from ._launch import backward_call, check_grid_batch, forward_call, tile_count
 
 
 def available(device: torch.device) -> bool:
@@ -186,58 +188,33 @@ def _acc(dtype):
 
 
 def _grid(b, h, w):
-    return (triton.cdiv(h, BLOCK_H) * triton.cdiv(w, BLOCK_W), b)
-
-
-def _contig(t):
-    return None if t is None else t.contiguous()
-
-
-MAX_BATCH = 65535  # the batch is the launch grid's second axis (grid axis 1), limited to 2^16 - 1
-
-
-def _check_batch(normal):
-    if normal.shape[0] > MAX_BATCH:
-        raise ValueError(f"normal: batch {normal.shape[0]} exceeds {MAX_BATCH}, the most one launch takes; split it")
+    return (tile_count(h, w, (BLOCK_H, BLOCK_W)), b)
 
 
 def forward(normal, light, residue, albedo, normalize: bool, beta: float):
     """``[B,3,H,W]`` normal/residue/albedo, ``[B,27]`` light -> (shading, recon or None), contiguous."""
-    _check_batch(normal)
-    normal, light, residue, albedo = _contig(normal), light.contiguous(), _contig(residue), _contig(albedo)
-    b, _, h, w = normal.shape
-    shading = torch.empty_like(normal, memory_format=torch.contiguous_format)
-    recon = None if albedo is None else torch.empty_like(shading)
-    if shading.numel() == 0:
-        return shading, recon
+    check_grid_batch(normal)
+    c = forward_call(normal, light, residue, albedo)
+    b, _, h, w = c.normal.shape
+    if c.shading.numel() == 0:
+        return c.shading, c.recon
     _forward_kernel[_grid(b, h, w)](
-        normal, light, residue, albedo, shading, recon, h, w, float(beta),
-        HAS_RESIDUE=residue is not None, HAS_ALBEDO=albedo is not None, NORMALIZE=bool(normalize),
-        ACC=_acc(normal.dtype), BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W)
-    return shading, recon
+        c.normal, c.light, c.residue, c.albedo, c.shading, c.recon, h, w, float(beta),
+        HAS_RESIDUE=c.residue is not None, HAS_ALBEDO=c.albedo is not None, NORMALIZE=bool(normalize),
+        ACC=_acc(c.normal.dtype), BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W)
+    return c.shading, c.recon
 
 
 def backward(normal, light, residue, albedo, grad_shading, grad_recon, normalize: bool, beta: float):
     """Gradients ``(normal [B,3,H,W], light [B,27], residue or None, albedo or None)``."""
-    _check_batch(normal)
-    normal, light, residue, albedo = _contig(normal), light.contiguous(), _contig(residue), _contig(albedo)
-    grad_shading = grad_shading.to(normal.dtype).contiguous()
-    if albedo is not None:
-        grad_recon = torch.zeros_like(albedo) if grad_recon is None else grad_recon.to(normal.dtype).contiguous()
-    else:
-        grad_recon = None
+    check_grid_batch(normal)
     b, _, h, w = normal.shape
-    grad_normal = torch.empty_like(normal)
-    grad_residue = None if residue is None else torch.empty_like(normal)
-    grad_albedo = None if albedo is None else torch.empty_like(normal)
-    acc = torch.float64 if normal.dtype == torch.float64 else torch.float32
-    if normal.numel() == 0:
-        return grad_normal, torch.zeros_like(light), grad_residue, grad_albedo
     grid = _grid(b, h, w)
-    partial = torch.empty(b, grid[0], 27, dtype=acc, device=normal.device)
-    _backward_kernel[grid](
-        normal, light, residue, albedo, grad_shading, grad_recon, grad_normal, grad_residue, grad_albedo,
-        partial, h, w, float(beta),
-        HAS_RESIDUE=residue is not None, HAS_ALBEDO=albedo is not None, NORMALIZE=bool(normalize),
-        ACC=_acc(normal.dtype), BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W)
-    return grad_normal, partial.sum(1).to(light.dtype), grad_residue, grad_albedo
+    c = backward_call(normal, light, residue, albedo, grad_shading, grad_recon, tiles=grid[0])
+    if c.normal.numel() > 0:
+        _backward_kernel[grid](
+            c.normal, c.light, c.residue, c.albedo, c.grad_shading, c.grad_recon, c.grad_normal, c.grad_residue,
+            c.grad_albedo, c.partial, h, w, float(beta),
+            HAS_RESIDUE=c.residue is not None, HAS_ALBEDO=c.albedo is not None, NORMALIZE=bool(normalize),
+            ACC=_acc(c.normal.dtype), BLOCK_H=BLOCK_H, BLOCK_W=BLOCK_W)
+    return c.grad_normal, c.grad_light(), c.grad_residue, c.grad_albedo

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 
 TEMP_PREFIX = ".sfs-tmp-"  # a rerun removes stale ones (remove_stale_temporaries)
@@ -22,7 +23,8 @@ TEMP_PREFIX = ".sfs-tmp-"  # a rerun removes stale ones (remove_stale_temporarie
 @contextlib.contextmanager
 def atomic_destination(path):
     """Yield a temporary path beside ``path``; on a clean exit rename it onto ``path``,
-    on an exception delete it. The destination's folder is created."""
+    on an exception delete it (a folder the writer made there too: a checkpoint folder
+    appears whole or not at all). The destination's folder is created."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f"{TEMP_PREFIX}{os.getpid()}-{path.name}"
@@ -30,8 +32,11 @@ def atomic_destination(path):
         yield tmp
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        if tmp.is_dir() and not tmp.is_symlink():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         raise
 
 

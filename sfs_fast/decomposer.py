@@ -58,12 +58,15 @@ class Decomposer:
         micro_batch: ``fused``/``compile`` only: images per model call, a batch being run in
             slices of that size. None chooses: :data:`LOW_PRECISION_CPU_MICRO_BATCH` for bf16
             and fp16 on the CPU, the whole batch otherwise.
+    ``notes``: one-line notes for the user about this run (random weights, emulated
+    precision), also issued as warnings; commands print them.
     """
 
     def __init__(self, model=None, *, method=None, weights=None, onnx=None, backend=None,
                  device="cpu", threads=None, optimizations=None, precision=None, micro_batch=None):
         from sfs_fast import precision as precision_mod
 
+        self.notes: list[str] = []
         file_only = onnx is not None and model is None and weights is None
         if backend is None and file_only:
             backend = "onnx"
@@ -118,18 +121,22 @@ class Decomposer:
         self.micro_batch = None if micro_batch is None else int(micro_batch)
         self._run = self._prepare(onnx)
 
-    @staticmethod
-    def _resolve_model(model, method, weights):
+    def _resolve_model(self, model, method, weights):
         from sfs_fast import weights as weights_mod
 
         if model is None and weights is not None:
             model = weights_mod.load_any(weights, method=method)
         elif model is None:
-            default = weights_mod.default_weights(method_id(method if method is not None else 0))
+            m = method_id(method if method is not None else 0)
+            default = weights_mod.default_weights(m)
             if default is not None:
                 model = weights_mod.load(default)
+                note = weights_mod.default_weights_note(m)  # the demo weights say what they are
+                self.notes += [note] if note else []
             else:
-                warnings.warn("no trained weights given: the model has random weights", stacklevel=3)
+                self.notes.append("no trained weights given: the model has random weights, so the outputs "
+                                  "are not meaningful")
+                warnings.warn(self.notes[-1], stacklevel=3)
                 model = build_model(method if method is not None else 0)
         elif method is not None and method_id(method) != model.method:
             raise ValueError(f"model is method {model.method}, not method {method_id(method)}")
@@ -153,8 +160,9 @@ class Decomposer:
             from sfs_fast.precision import TORCH_DTYPES, capabilities, to_low_precision
 
             if not capabilities(self.device)[self.precision]:
-                warnings.warn(f"{self.precision} has no hardware support on this {self.device.type} "
-                              "(emulated: slower than fp32)", stacklevel=4)
+                self.notes.append(f"{self.precision} has no hardware support on this {self.device.type} "
+                                  "(emulated: slower than fp32)")
+                warnings.warn(self.notes[-1], stacklevel=4)
             fused = to_low_precision(fused, TORCH_DTYPES[self.precision])
         if self.backend == "compile":
             fused = torch.compile(fused)
@@ -189,7 +197,8 @@ class Decomposer:
         if chosen is None:
             raise ValueError("precision auto: no path could be built here: "
                              + "; ".join(f"{t['backend']}-{t['precision']}: {t['failures']}" for t in tried))
-        self.__dict__.update({k: v for k, v in chosen.__dict__.items() if k != "auto_report"})
+        self.__dict__.update({k: v for k, v in chosen.__dict__.items() if k not in ("auto_report", "notes")})
+        self.notes += [n for n in chosen.notes if n not in self.notes]
         self.auto_report = {"chosen": {"backend": cand_backend, "precision": cand_precision}, "tried": tried,
                             "images": len(images)}
 

@@ -30,8 +30,8 @@ from pathlib import Path
 
 import torch
 
+from sfs_fast.errors import CheckpointError
 from sfs_fast.models import build_model, init_weights, method_id
-from sfs_fast.weights import CheckpointError
 
 # --------------------------------------------------------------------------------------
 # Caffe layer names (SfSNet_deploy.prototxt) and where each goes in our model.

@@ -1,6 +1,11 @@
 """The eight models: one SfSNet trunk (SPEC B.1), method heads (B.3), SkipNet and the two
 discriminators. ``build_model(method, **config)`` is the one entry point.
 
+A method is one :class:`MethodSpec` in :data:`METHODS` (registered at the end of this file):
+its modules, outputs, recon, loss tables, training stages, GAN set-up and what freezes when
+pretrained weights are loaded. The model, :func:`output_names`, the trainer and the exporters
+read those facts from it; adding a method is one :func:`register_method` call.
+
 Module attribute names follow the original ``SfsNetPipeline`` (``conv_model``,
 ``normal_residual_model``, ...), so that checkpoints of the original code map by name.
 
@@ -16,11 +21,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from sfs_fast.kernels import sh_shade
+from sfs_fast.kernels import BACKENDS, sh_shade
 from sfs_fast.sh import normalize_normal
 
 UPSAMPLE_MODES = ("bilinear", "caffe")
-SHADING_BACKENDS = ("auto", "reference", "cpu", "triton", "cuda", "compile")
 
 
 # --------------------------------------------------------------------------------------
@@ -170,18 +174,129 @@ class ShadingHead(nn.Module):
 
 
 # --------------------------------------------------------------------------------------
-# Methods (SPEC A.1, B.3): names are data
+# Methods (SPEC A.1, B.3): every fact of a method is data on its MethodSpec; the eight
+# entries are registered at the end of this file.
+
+LOSS_KINDS = ("l1", "smooth_l1", "mse")
+# What a loss term compares with: the batch's fields, plus "gt_shading" (the shading of the
+# ground-truth normal under the ground-truth light, computed by the trainer).
+LOSS_TARGETS = ("normal", "albedo", "light", "face", "gt_shading")
+FEATURES = ("ALL", "NEW")  # head inputs: cat(F, Fn, Fa) or cat(F, Fn, Fa2)
+ALBEDO_FEATURES = {"Fa": "albedo_residual_model", "Fa2": "albedo_residual_model_2"}
+GAN_REAL = ("synthetic", "batch")
+
+# The outputs each kind of head adds after normal, albedo (and light), in forward order.
+HEAD_OUTPUTS = {
+    None: ("sh_shading", "shading", "recon"),
+    "residue": ("sh_shading", "residue", "shading", "recon"),
+    "correct": ("sh_shading", "latent_light", "corrected_shading", "shading", "recon"),
+    "generate": ("latent_light", "shading", "recon"),
+}
+
+# The SfSNet modules a residue method takes from pretrained SfSNet weights (the original
+# fix_weights() froze them; not albedo_gen_model, which the residue methods retrain).
+SFSNET_TRUNK = ("conv_model", "normal_residual_model", "normal_gen_model", "albedo_residual_model",
+                "light_estimator_model")
+
+
+def _one_of(argument: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{argument}: expected one of {tuple(choices)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class LossTerm:
+    """One weighted term of a loss table: ``weight * kind(outputs[output], targets[target])``.
+
+    output: a model output name (SPEC A.2). target: one of :data:`LOSS_TARGETS`.
+    kind: ``"l1"``, ``"smooth_l1"`` or ``"mse"`` (per pixel; image terms are masked means).
+    """
+
+    output: str
+    target: str
+    kind: str
+    weight: float
+
+    def __post_init__(self):
+        _one_of("LossTerm.kind", self.kind, LOSS_KINDS)
+        _one_of("LossTerm.target", self.target, LOSS_TARGETS)
+        if not self.weight > 0:
+            raise ValueError(f"LossTerm.weight: expected a positive weight, got {self.weight!r}")
+
+
+def loss_terms(*rows) -> tuple[LossTerm, ...]:
+    """``loss_terms(("albedo", "albedo", "l1", 0.5), ...)``: a table from plain rows."""
+    return tuple(LossTerm(*row) for row in rows)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage of a method; a run trains ``--epochs`` epochs of each stage in turn.
+
+    name: what logs and checkpoints call it (``"main"``, ``"gan"``, ``"recon"``).
+    losses: the supervised loss table.
+    adversarial: the generator's loss adds ``GanSpec.weight`` times its GAN term and the
+        discriminator trains in the same step.
+    albedo_only: only the albedo generator runs and is supervised (stage 1 of methods 6, 7).
+    frozen: modules frozen during this stage whether or not they were loaded.
+    variants: ``(name, table)`` pairs that ``--loss-variant name`` selects instead of ``losses``.
+    """
+
+    name: str
+    losses: tuple[LossTerm, ...]
+    adversarial: bool = False
+    albedo_only: bool = False
+    frozen: tuple[str, ...] = ()
+    variants: tuple[tuple[str, tuple[LossTerm, ...]], ...] = ()
+
+    def __post_init__(self):
+        if not self.losses:
+            raise ValueError(f"Stage.losses: stage {self.name!r} has an empty loss table")
+        if self.albedo_only and not self.adversarial:
+            raise ValueError(f"Stage.albedo_only: stage {self.name!r} trains the generator alone, "
+                             "which only an adversarial stage does")
+
+    def table(self, variant: str | None = None) -> tuple[LossTerm, ...]:
+        """The loss table, or that of ``variant``; None when the stage has no such variant."""
+        return self.losses if variant is None else dict(self.variants).get(variant)
+
+
+@dataclass(frozen=True)
+class GanSpec:
+    """How a GAN method uses its discriminator (SPEC B.3.5-B.3.7).
+
+    discriminator: a key of :data:`DISCRIMINATORS` (``"patch"``: PatchGAN critic, LSGAN;
+    ``"dcgan"``: the DCGAN one). weight: weight of the generator's adversarial term.
+    real: where the discriminator's real albedos come from: ``"synthetic"`` (a separate
+    synthetic-only loader) or ``"batch"`` (the batch's own albedos with per-sample labels).
+    """
+
+    discriminator: str
+    weight: float
+    real: str
+
+    def __post_init__(self):
+        _one_of("GanSpec.discriminator", self.discriminator, DISCRIMINATORS)
+        _one_of("GanSpec.real", self.real, GAN_REAL)
 
 
 @dataclass(frozen=True)
 class MethodSpec:
-    """How one method wires the trunk and its head.
+    """Everything that makes one method: the model, its outputs and how it trains.
 
-    head: None, ``"residue"`` (shading = SH shading + residue), ``"correct"`` (a 6->3 head
-    corrects the SH shading with a latent light map) or ``"generate"`` (a 6->3 head makes the
-    shading from normal and latent light; no SH).
+    method, slug: the id (0-7 for the paper's methods) and the name commands accept.
+    head: None (SH shading only), ``"residue"`` (shading = SH shading + residue),
+        ``"correct"`` (a 6->3 head corrects the SH shading with a latent light map) or
+        ``"generate"`` (a 6->3 head makes the shading from normal and latent light; no SH).
+    head_module: attribute (checkpoint) name of the head's last module.
     head_features: ``"ALL"`` = cat(F, Fn, Fa) or ``"NEW"`` = cat(F, Fn, Fa2).
     albedo_features: ``"Fa"`` (albedo branch 1) or ``"Fa2"`` (a second albedo branch).
+    light: it estimates an SH light.
+    beta: recon = shading * (albedo - beta * residue); 1 for method 4, whose forward also
+        returns ``updated_albedo`` = albedo - residue.
+    stages: its training stages, in order. gan: its discriminator set-up, None without.
+    frozen_if_loaded: the original fix_weights() (SPEC B.3): modules frozen when they were
+        loaded from pretrained weights (only then: FIX-freeze-loaded, see the trainer).
     """
 
     method: int
@@ -192,6 +307,50 @@ class MethodSpec:
     albedo_features: str
     light: bool = True
     beta: float = 0.0
+    stages: tuple[Stage, ...] = ()
+    gan: GanSpec | None = None
+    frozen_if_loaded: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        where = f"method {self.method!r}"
+        if not isinstance(self.method, int) or isinstance(self.method, bool) or self.method < 0:
+            raise ValueError(f"MethodSpec.method: expected a non-negative int, got {self.method!r}")
+        if not self.slug or self.slug.strip().isdigit():
+            raise ValueError(f"MethodSpec.slug: {where} needs a name that is not a number, got {self.slug!r}")
+        _one_of("MethodSpec.head", self.head, HEAD_OUTPUTS)
+        _one_of("MethodSpec.albedo_features", self.albedo_features, ALBEDO_FEATURES)
+        if self.head is None:
+            if self.head_module is not None or self.head_features is not None:
+                raise ValueError(f"MethodSpec.head_module: {where} has no head, so neither head_module nor head_features")
+        else:
+            _one_of("MethodSpec.head_features", self.head_features, FEATURES)
+            taken = {"neural_light_model", *(name for name, _ in self._trunk_modules())}
+            if not self.head_module or self.head_module in taken:
+                raise ValueError(f"MethodSpec.head_module: {where} needs a name of its own, got {self.head_module!r}")
+        if not self.light and self.head != "generate":
+            raise ValueError(f"MethodSpec.light: {where} shades with SH, so it needs a light")
+        self._check_training(where)
+
+    def _check_training(self, where: str) -> None:
+        if not self.stages:
+            raise ValueError(f"MethodSpec.stages: {where} has no training stage")
+        names = [stage.name for stage in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"MethodSpec.stages: {where} repeats a stage name: {names}")
+        if any(stage.adversarial for stage in self.stages) != (self.gan is not None):
+            raise ValueError(f"MethodSpec.gan: {where} needs a GanSpec exactly when a stage is adversarial")
+        outputs, modules = set(self.outputs), set(self.module_names)
+        for stage in self.stages:
+            for table in (stage.losses, *(t for _, t in stage.variants)):
+                unknown = sorted({term.output for term in table} - outputs)
+                if unknown:
+                    raise ValueError(f"MethodSpec.stages: {where} stage {stage.name!r} has losses on "
+                                     f"outputs it does not make: {unknown}")
+        for argument, frozen in [("frozen_if_loaded", self.frozen_if_loaded),
+                                 *[("stages", s.frozen) for s in self.stages]]:
+            unknown = sorted(set(frozen) - modules)
+            if unknown:
+                raise ValueError(f"MethodSpec.{argument}: {where} has no module {unknown}")
 
     @property
     def second_albedo(self) -> bool:
@@ -201,25 +360,71 @@ class MethodSpec:
     def first_albedo(self) -> bool:
         return self.albedo_features == "Fa" or self.light or self.head_features == "ALL"
 
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        """The keys of the forward's dict, in order (the forward returns exactly these)."""
+        light = ("light",) if self.light else ()
+        updated = ("updated_albedo",) if self.beta else ()
+        return ("normal", "albedo", *light, *HEAD_OUTPUTS[self.head], *updated)
 
-METHODS = {
-    0: MethodSpec(0, "sfsnet", None, None, None, "Fa"),
-    1: MethodSpec(1, "shading-correcting", "correct", "shading_correctness_model", "NEW", "Fa"),
-    2: MethodSpec(2, "latent-shading", "generate", "shading_model", "NEW", "Fa2", light=False),
-    3: MethodSpec(3, "shading-residue", "residue", "shading_residual_model", "NEW", "Fa2"),
-    4: MethodSpec(4, "shading-albedo-residue", "residue", "residual_model", "ALL", "Fa", beta=1.0),
-    5: MethodSpec(5, "residue-albedo-gan", "residue", "shading_residual_model", "ALL", "Fa"),
-    6: MethodSpec(6, "gan-separate", "residue", "shading_residual_model", "NEW", "Fa2"),
-    7: MethodSpec(7, "gan-train2", "residue", "shading_residual_model", "NEW", "Fa2"),
-}
-SLUGS = {spec.slug: m for m, spec in METHODS.items()}
+    def _trunk_modules(self) -> tuple[tuple[str, str], ...]:
+        modules = [("conv_model", "features"), ("normal_residual_model", "trunk"),
+                   ("normal_gen_model", "generation")]
+        if self.first_albedo:
+            modules.append(("albedo_residual_model", "trunk"))
+        if self.second_albedo:
+            modules.append(("albedo_residual_model_2", "trunk"))
+        modules.append(("albedo_gen_model", "generation"))
+        if self.light:
+            modules.append(("light_estimator_model", "light"))
+        return tuple(modules)
+
+    @property
+    def modules(self) -> tuple[tuple[str, str], ...]:
+        """``(attribute name, block)`` of every module the model has, in registration order
+        (the order of its parameters, hence of optimizer states). Blocks name entries of
+        :data:`BLOCKS`; the attribute names are the checkpoints' (``conv_model``, ...)."""
+        if self.head is None:
+            head = ()
+        elif self.head == "residue":
+            head = ((self.head_module, "image_head"),)
+        else:  # correct / generate: a latent light map, then a 6->3 shading head
+            head = (("neural_light_model", "image_head"), (self.head_module, "shading_head"))
+        return self._trunk_modules() + head
+
+    @property
+    def module_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.modules)
+
+    def stage(self, name: str) -> Stage:
+        for stage in self.stages:
+            if stage.name == name:
+                return stage
+        raise ValueError(f"stage: method {self.method} has stages {[s.name for s in self.stages]}, not {name!r}")
+
+
+METHODS: dict[int, MethodSpec] = {}  # id -> spec; filled by register_method below
+
+
+def register_method(spec: MethodSpec) -> MethodSpec:
+    """Add ``spec`` to :data:`METHODS`; :func:`build_model`, :func:`output_names`, the
+    trainer and the exporters then know it by id and slug. Returns ``spec``."""
+    if not isinstance(spec, MethodSpec):
+        raise ValueError(f"spec: expected a MethodSpec, got {type(spec).__name__}")
+    for other in METHODS.values():
+        if spec.method == other.method or spec.slug == other.slug:
+            raise ValueError(f"spec: method {spec.method} ({spec.slug}) clashes with the registered "
+                             f"method {other.method} ({other.slug})")
+    METHODS[spec.method] = spec
+    return spec
 
 
 def method_id(method) -> int:
     """Accept an id (3, "3") or a slug ("shading-residue"); raise ValueError otherwise."""
     if isinstance(method, str):
-        if method in SLUGS:
-            return SLUGS[method]
+        slugs = {spec.slug: m for m, spec in METHODS.items()}
+        if method in slugs:
+            return slugs[method]
         if method.strip().isdigit():
             method = int(method)
     if isinstance(method, int) and not isinstance(method, bool) and method in METHODS:
@@ -234,8 +439,10 @@ class ModelConfig:
 
     upsample: ``"bilinear"`` (PyTorch port) or ``"caffe"`` (fixed deconvolution).
     normalize: normalize the normal before shading (SPEC A.3); False reproduces the port.
-    method4_recon: ``"updated"`` (recon with albedo - residue) or ``"original"`` (B.7.5).
-    shading_backend: backend of the fused op used in forward (``"auto"`` picks the fastest).
+    method4_recon: for a method whose recon takes the residue from the albedo (``beta``,
+        method 4): ``"updated"`` (recon with albedo - residue) or ``"original"`` (B.7.5).
+    shading_backend: backend of the fused op used in forward (``"auto"`` picks the fastest;
+        the others are the keys of :data:`sfs_fast.kernels.BACKENDS`).
     """
 
     upsample: str = "bilinear"
@@ -244,20 +451,32 @@ class ModelConfig:
     shading_backend: str = "auto"
 
     def __post_init__(self):
-        if self.upsample not in UPSAMPLE_MODES:
-            raise ValueError(f"upsample: expected one of {UPSAMPLE_MODES}, got {self.upsample!r}")
-        if self.method4_recon not in ("updated", "original"):
-            raise ValueError(f"method4_recon: expected 'updated' or 'original', got {self.method4_recon!r}")
-        if self.shading_backend not in SHADING_BACKENDS:
-            raise ValueError(f"shading_backend: expected one of {SHADING_BACKENDS}, got {self.shading_backend!r}")
+        _one_of("upsample", self.upsample, UPSAMPLE_MODES)
+        _one_of("method4_recon", self.method4_recon, ("updated", "original"))
+        _one_of("shading_backend", self.shading_backend, ("auto", *BACKENDS))
         self.normalize = bool(self.normalize)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+# The blocks a MethodSpec's modules name: block -> factory(config).
+BLOCKS = {
+    "features": lambda config: BaseFeatures(),
+    "trunk": lambda config: ResidualTrunk(),
+    "generation": lambda config: GenerationNet(config.upsample),
+    "light": lambda config: LightEstimator(),
+    "image_head": lambda config: ImageHead(),
+    "shading_head": lambda config: ShadingHead(),
+}
+
+
 class SfSNetModel(nn.Module):
-    """SfSNet trunk plus the head of one method; see the module docstring for the outputs."""
+    """SfSNet trunk plus the head of one method; see the module docstring for the outputs.
+
+    The modules are those of ``spec.modules``, under their checkpoint names; ``head`` is the
+    method's head module (``spec.head_module``), None for SfSNet.
+    """
 
     # The modules of ``features`` (shared convolutions and residual trunks); everything else
     # decodes their output. Low-precision inference computes these in bf16/fp16.
@@ -267,44 +486,33 @@ class SfSNetModel(nn.Module):
         super().__init__()
         self.spec = METHODS[method_id(method)]
         self.config = ModelConfig(**config)
-        spec, cfg = self.spec, self.config
-        self.conv_model = BaseFeatures()
-        self.normal_residual_model = ResidualTrunk()
-        self.normal_gen_model = GenerationNet(cfg.upsample)
-        if spec.first_albedo:
-            self.albedo_residual_model = ResidualTrunk()
-        if spec.second_albedo:
-            self.albedo_residual_model_2 = ResidualTrunk()
-        self.albedo_gen_model = GenerationNet(cfg.upsample)
-        if spec.light:
-            self.light_estimator_model = LightEstimator()
-        if spec.head == "residue":
-            setattr(self, spec.head_module, ImageHead())
-        elif spec.head in ("correct", "generate"):
-            self.neural_light_model = ImageHead()
-            setattr(self, spec.head_module, ShadingHead())
+        for name, block in self.spec.modules:
+            self.add_module(name, BLOCKS[block](self.config))
 
     @property
     def method(self) -> int:
         return self.spec.method
 
     @property
+    def head(self) -> nn.Module | None:
+        return None if self.spec.head_module is None else self.get_submodule(self.spec.head_module)
+
+    @property
     def beta(self) -> float:
-        if self.spec.method == 4 and self.config.method4_recon == "original":
-            return 0.0
-        return self.spec.beta
+        """The recon's ``beta`` (albedo - beta * residue): the spec's, 0 under ``method4_recon="original"``."""
+        return 0.0 if self.config.method4_recon == "original" else self.spec.beta
 
     def features(self, x: torch.Tensor) -> dict:
         """Trunk features, each ``[B,128,64,64]``: ``F``, ``Fn``, ``Fa`` and/or ``Fa2``."""
         feats = {"F": self.conv_model(x)}
         feats["Fn"] = self.normal_residual_model(feats["F"])
-        if self.spec.first_albedo:
-            feats["Fa"] = self.albedo_residual_model(feats["F"])
-        if self.spec.second_albedo:
-            feats["Fa2"] = self.albedo_residual_model_2(feats["F"])
+        for key, name in ALBEDO_FEATURES.items():
+            if name in self._modules:
+                feats[key] = self._modules[name](feats["F"])
         return feats
 
     def head_input(self, feats: dict, which: str) -> torch.Tensor:
+        """``[B,384,64,64]``: cat(F, Fn, Fa) for ``"ALL"``, cat(F, Fn, Fa2) for ``"NEW"``."""
         albedo = feats["Fa"] if which == "ALL" else feats["Fa2"]
         return torch.cat([feats["F"], feats["Fn"], albedo], dim=1)
 
@@ -313,47 +521,59 @@ class SfSNetModel(nn.Module):
         return self.decompose_features(feats)
 
     def decompose_features(self, feats: dict, albedo: torch.Tensor | None = None) -> dict:
-        """Heads and shading from trunk features. ``albedo`` overrides the albedo generator
-        (the GAN trainers pass their generator's output)."""
+        """Heads and shading from trunk features, as a dict keyed by ``spec.outputs`` in that
+        order. ``albedo`` overrides the albedo generator (the GAN trainers pass their
+        generator's output)."""
         spec, cfg = self.spec, self.config
         raw_normal = self.normal_gen_model(feats["Fn"])
         if albedo is None:
             albedo = self.albedo_gen_model(feats[spec.albedo_features])
         normal = normalize_normal(raw_normal) if cfg.normalize else raw_normal
         out = {"normal": normal, "albedo": albedo}
-        shade = dict(normalize=cfg.normalize, backend=cfg.shading_backend)
-
         if spec.light:
             out["light"] = self.light_estimator_model(self.head_input(feats, "ALL"))
+        out.update(self._HEAD_DECODERS[spec.head](self, feats, raw_normal, out))
+        return {name: out[name] for name in spec.outputs}
 
-        if spec.head is None:
-            shading, recon = sh_shade(raw_normal, out["light"], None, albedo, **shade)
-            out.update(sh_shading=shading, shading=shading, recon=recon)
-        elif spec.head == "residue":
-            residue = getattr(self, spec.head_module)(self.head_input(feats, spec.head_features))
-            shading, recon = sh_shade(raw_normal, out["light"], residue, albedo, beta=self.beta, **shade)
-            out.update(sh_shading=shading - residue, residue=residue, shading=shading, recon=recon)
-            if spec.method == 4:
-                out["updated_albedo"] = albedo - residue
-        else:
-            latent = self.neural_light_model(self.head_input(feats, spec.head_features))
-            head = getattr(self, spec.head_module)
-            if spec.head == "correct":
-                sh_shading, _ = sh_shade(raw_normal, out["light"], **shade)
-                shading = head(torch.cat([sh_shading, latent], dim=1))
-                out.update(sh_shading=sh_shading, latent_light=latent, corrected_shading=shading)
-            else:
-                shading = head(torch.cat([normal, latent], dim=1))
-                out.update(latent_light=latent)
-            out.update(shading=shading, recon=shading * albedo)
-        return out
+    def _shade(self, raw_normal, light, residue=None, albedo=None, beta=0.0):
+        return sh_shade(raw_normal, light, residue, albedo, normalize=self.config.normalize, beta=beta,
+                        backend=self.config.shading_backend)
+
+    def _decode_sh(self, feats, raw_normal, out) -> dict:
+        shading, recon = self._shade(raw_normal, out["light"], None, out["albedo"])
+        return {"sh_shading": shading, "shading": shading, "recon": recon}
+
+    def _decode_residue(self, feats, raw_normal, out) -> dict:
+        residue = self.head(self.head_input(feats, self.spec.head_features))
+        shading, recon = self._shade(raw_normal, out["light"], residue, out["albedo"], beta=self.beta)
+        parts = {"sh_shading": shading - residue, "residue": residue, "shading": shading, "recon": recon}
+        if self.spec.beta:
+            parts["updated_albedo"] = out["albedo"] - residue
+        return parts
+
+    def _decode_correct(self, feats, raw_normal, out) -> dict:
+        latent = self.neural_light_model(self.head_input(feats, self.spec.head_features))
+        sh_shading, _ = self._shade(raw_normal, out["light"])
+        shading = self.head(torch.cat([sh_shading, latent], dim=1))
+        return {"sh_shading": sh_shading, "latent_light": latent, "corrected_shading": shading,
+                "shading": shading, "recon": shading * out["albedo"]}
+
+    def _decode_generate(self, feats, raw_normal, out) -> dict:
+        latent = self.neural_light_model(self.head_input(feats, self.spec.head_features))
+        shading = self.head(torch.cat([out["normal"], latent], dim=1))
+        return {"latent_light": latent, "shading": shading, "recon": shading * out["albedo"]}
+
+    # spec.head -> decoder; each returns the outputs HEAD_OUTPUTS lists for its head.
+    _HEAD_DECODERS = {None: _decode_sh, "residue": _decode_residue, "correct": _decode_correct,
+                      "generate": _decode_generate}
 
     def extra_repr(self) -> str:
         return f"method={self.spec.method} ({self.spec.slug}), config={self.config.to_dict()}"
 
 
 def build_model(method=0, **config) -> SfSNetModel:
-    """Build the model of ``method`` (0-7 or a slug) with ``config`` (see :class:`ModelConfig`).
+    """Build the model of ``method`` (an id or slug of :data:`METHODS`) with ``config`` (see
+    :class:`ModelConfig`): the one entry point, as timm's ``create_model``.
 
     >>> m = build_model(3).eval()
     >>> sorted(m(torch.rand(1, 3, 128, 128)))
@@ -363,23 +583,8 @@ def build_model(method=0, **config) -> SfSNetModel:
 
 
 def output_names(method) -> list[str]:
-    """The output keys of ``method``'s forward, in a stable order."""
-    spec = METHODS[method_id(method)]
-    names = ["normal", "albedo"]
-    if spec.light:
-        names.append("light")
-    if spec.head != "generate":
-        names.append("sh_shading")
-    if spec.head == "residue":
-        names.append("residue")
-    if spec.head in ("correct", "generate"):
-        names.append("latent_light")
-    if spec.head == "correct":
-        names.append("corrected_shading")
-    names += ["shading", "recon"]
-    if spec.method == 4:
-        names.append("updated_albedo")
-    return names
+    """The output keys of ``method``'s forward, in order (its spec's ``outputs``)."""
+    return list(METHODS[method_id(method)].outputs)
 
 
 def init_weights(module: nn.Module) -> None:
@@ -535,11 +740,89 @@ class DCGANDiscriminator(nn.Module):
         return self.model(x)
 
 
+# The critics a GanSpec names.
+DISCRIMINATORS = {"patch": PatchDiscriminator, "dcgan": DCGANDiscriminator}
+
+
 def build_discriminator(method) -> nn.Module:
-    """The discriminator a GAN method trains with (5: PatchGAN critic; 6, 7: DCGAN)."""
-    m = method_id(method)
-    if m == 5:
-        return PatchDiscriminator()
-    if m in (6, 7):
-        return DCGANDiscriminator()
-    raise ValueError(f"method {m} has no discriminator (only 5, 6 and 7 do)")
+    """The discriminator a GAN method trains with (its ``spec.gan.discriminator``)."""
+    spec = METHODS[method_id(method)]
+    if spec.gan is None:
+        gans = ", ".join(str(m) for m, s in METHODS.items() if s.gan is not None)
+        raise ValueError(f"method {spec.method} has no discriminator (only {gans} do)")
+    return DISCRIMINATORS[spec.gan.discriminator]()
+
+
+# --------------------------------------------------------------------------------------
+# The eight methods. Loss sources: SPEC B.3 / B.1.4 / B.4.4.
+
+# Methods 6/7: stage 1 trains the albedo generator adversarially (10 SmoothL1 albedo + 1 GAN),
+# stage 2 the rest with the generator and the second albedo branch frozen (fix_new_weights),
+# SmoothL1 albedo 1 + SmoothL1 recon 1.
+_GAN_THEN_RECON = (
+    Stage("gan", loss_terms(("albedo", "albedo", "smooth_l1", 10.0)), adversarial=True, albedo_only=True),
+    Stage("recon", loss_terms(("albedo", "albedo", "smooth_l1", 1.0), ("recon", "face", "smooth_l1", 1.0)),
+          frozen=("albedo_residual_model_2", "albedo_gen_model")),
+)
+
+register_method(MethodSpec(
+    0, "sfsnet", head=None, head_module=None, head_features=None, albedo_features="Fa",
+    # Caffe weights, also SfSNet-PyTorch's synthetic/CelebA loss: L1 normal, albedo and recon
+    # 0.5 each, SH 0.1 (MSE).
+    stages=(Stage("main", loss_terms(("normal", "normal", "l1", 0.5), ("albedo", "albedo", "l1", 0.5),
+                                     ("light", "light", "mse", 0.1), ("recon", "face", "l1", 0.5))),)))
+
+register_method(MethodSpec(
+    1, "shading-correcting", head="correct", head_module="shading_correctness_model", head_features="NEW",
+    albedo_features="Fa", frozen_if_loaded=SFSNET_TRUNK,
+    # V2 train(): SmoothL1 normal/albedo 0.5, SH MSE 0.1, recon MSE 1; the variant is
+    # train_with_shading_loss.
+    stages=(Stage("main", loss_terms(("normal", "normal", "smooth_l1", 0.5), ("albedo", "albedo", "smooth_l1", 0.5),
+                                     ("light", "light", "mse", 0.1), ("recon", "face", "mse", 1.0)),
+                  variants=(("shading", loss_terms(
+                      ("normal", "normal", "smooth_l1", 0.5), ("albedo", "albedo", "smooth_l1", 0.5),
+                      ("light", "light", "mse", 0.1), ("recon", "face", "smooth_l1", 0.3),
+                      ("shading", "gt_shading", "smooth_l1", 0.7))),)),)))
+
+register_method(MethodSpec(
+    2, "latent-shading", head="generate", head_module="shading_model", head_features="NEW",
+    albedo_features="Fa2", light=False,
+    # fix_weights named a module method 2 does not have; we keep the rest of its trunk.
+    frozen_if_loaded=("conv_model", "normal_residual_model", "normal_gen_model"),
+    # L1 normal 1, albedo 1, recon 0.2, shading vs GT shading 0.8.
+    stages=(Stage("main", loss_terms(("normal", "normal", "l1", 1.0), ("albedo", "albedo", "l1", 1.0),
+                                     ("recon", "face", "l1", 0.2), ("shading", "gt_shading", "l1", 0.8))),)))
+
+# Method 3's train_with_shading_loss (the newest main): SmoothL1 albedo 0.5, recon 0.3, updated
+# shading vs GT shading 0.7; "recon-mse" is its train(): SmoothL1 albedo 0.5 + MSE recon 1.
+_METHOD3_LOSSES = loss_terms(("albedo", "albedo", "smooth_l1", 0.5), ("recon", "face", "smooth_l1", 0.3),
+                             ("shading", "gt_shading", "smooth_l1", 0.7))
+register_method(MethodSpec(
+    3, "shading-residue", head="residue", head_module="shading_residual_model", head_features="NEW",
+    albedo_features="Fa2", frozen_if_loaded=SFSNET_TRUNK,
+    stages=(Stage("main", _METHOD3_LOSSES, variants=(
+        ("shading", _METHOD3_LOSSES),
+        ("recon-mse", loss_terms(("albedo", "albedo", "smooth_l1", 0.5), ("recon", "face", "mse", 1.0))))),)))
+
+register_method(MethodSpec(
+    4, "shading-albedo-residue", head="residue", head_module="residual_model", head_features="ALL",
+    albedo_features="Fa", beta=1.0, frozen_if_loaded=SFSNET_TRUNK + ("albedo_gen_model",),
+    # train(): SmoothL1 recon 1 (only the residual head trains).
+    stages=(Stage("main", loss_terms(("recon", "face", "smooth_l1", 1.0)), variants=(
+        ("shading", loss_terms(("recon", "face", "smooth_l1", 1.0), ("shading", "gt_shading", "smooth_l1", 1.0))),)),)))
+
+register_method(MethodSpec(
+    5, "residue-albedo-gan", head="residue", head_module="shading_residual_model", head_features="ALL",
+    albedo_features="Fa", frozen_if_loaded=SFSNET_TRUNK, gan=GanSpec("patch", weight=0.4, real="synthetic"),
+    # The final version trains jointly: MSE recon 1 + 0.4 GAN; no albedo supervision.
+    stages=(Stage("main", loss_terms(("recon", "face", "mse", 1.0)), adversarial=True),)))
+
+register_method(MethodSpec(
+    6, "gan-separate", head="residue", head_module="shading_residual_model", head_features="NEW",
+    albedo_features="Fa2", frozen_if_loaded=SFSNET_TRUNK, gan=GanSpec("dcgan", weight=1.0, real="synthetic"),
+    stages=_GAN_THEN_RECON))
+
+register_method(MethodSpec(
+    7, "gan-train2", head="residue", head_module="shading_residual_model", head_features="NEW",
+    albedo_features="Fa2", frozen_if_loaded=SFSNET_TRUNK, gan=GanSpec("dcgan", weight=1.0, real="batch"),
+    stages=_GAN_THEN_RECON))

@@ -7,6 +7,8 @@ Lambertian attenuation ``pi * [1, 2/3, 1/4]`` folded into the constants, in the 
 
 A light is 27 floats: three blocks of 9 coefficients that light the R, G and B channels.
 Shading of channel ``c`` is ``sum_k Y_k(n) * light[9c + k]`` for a unit normal ``n``.
+Normals are in :data:`NORMAL_FRAME` (x right, y up, z towards the viewer); DPR/shtools
+lights convert both ways with :func:`dpr_light_to_sfsnet` / :func:`sfsnet_light_to_dpr`.
 
 This module is a leaf: it imports only torch and numpy.
 """
@@ -39,12 +41,44 @@ DPR_TO_SFSNET = (0, 2, 3, 1, 6, 7, 5, 8, 4)
 # Per-pixel epsilon added to |n| before dividing (Caffe's Norm layer and SPEC A.3).
 NORMAL_EPS = 1e-8
 
+# The normal frame of every output and every checkpoint (image as displayed, row 0 at the
+# top). It is the frame of `sfs-data synth` (training/synth.py), hence of the demo weights and
+# of anything sfs-train writes, and the frame the official Caffe weights come out in after
+# import. Evidence for the Caffe weights (SPEC B.1.4, B.4.3):
+#  * channel order: the synthetic normal PNGs store (x, y, z) as (R, G, B), encoded
+#    (n + 1) / 2; Caffe read them with OpenCV, i.e. as (B, G, R) = (z, y, x), so the raw
+#    Nconv0 output is (z, y, x) in [0, 1]; Change_Form swaps channels 0 and 2 back to
+#    (x, y, z) and the Norm layer's 2x - 1 (no sign change) restores [-1, 1]. The importer
+#    folds exactly that (flip, then 2x - 1) and nothing else: channel 0 of our normal is the
+#    R channel of the training PNGs (tests/test_conventions.py checks the fold on a Caffe
+#    fixture whose Nconv0 outputs a known PNG encoding).
+#  * no mirroring or transposition of the image plane: Python Caffe feeds HWC->CHW with no
+#    transpose; the MATLAB demo's permute([2,1,3]) only undoes matcaffe's column-major layout
+#    and its imrotate(-90) + fliplr undo it on the outputs, so the network always saw upright
+#    faces and its x, y axes are the picture's.
+#  * z towards the viewer: the first-order z coefficient of the SfSNet synthetic lights is
+#    positive in all 20 files of ../shared/data/sfsnet_synthetic_lights (measured; those files
+#    are not in the project): the lights face the visible, camera-facing side.
+#  * y up: with x to the right and z towards the viewer, a right-handed frame (the 3DMM /
+#    OpenGL camera frame the faces were rendered in) has y up. Not checkable here without the
+#    real file: on a frontal face the official weights should give forehead normals y > 0.
+NORMAL_FRAME = ("x: image right (increasing column); y: image up (decreasing row); "
+                "z: out of the image, towards the viewer (right-handed)")
+
 CONVENTION = {
     "sh_order": list(SH_ORDER),
     "sh_channel_blocks": "R|G|B, 9 each",
     "sh_attenuation": "pi*[1, 2/3, 1/4] folded into the basis constants",
     "normal": "unit (x, y, z) per pixel, channels 0..2 of the normal map",
+    "normal_frame": NORMAL_FRAME,
 }
+
+# DPR's frame, read off its sphere renderer (../shared/data/README.md): x across columns to
+# the right, z up the rows, and the visible hemisphere at y = -sqrt(1 - x^2 - z^2), so y
+# points away from the viewer. In our frame's terms: n_dpr = DPR_FRAME @ n_ours, i.e.
+# (x_dpr, y_dpr, z_dpr) = (x, -z, y). Lights converted with DPR's order alone (no frame) come
+# out mirrored and turned, the peers' complaint (DPR issue 20, StyleFlow issue 41).
+DPR_FRAME = np.array([[1.0, 0.0, 0.0], [0.0, 0.0, -1.0], [0.0, 1.0, 0.0]])
 
 
 def sh_basis(normal: torch.Tensor, dim: int = 1) -> torch.Tensor:
@@ -97,32 +131,87 @@ def shade(unit_normal: torch.Tensor, light: torch.Tensor) -> torch.Tensor:
 
 
 def dpr_to_sfsnet(light9) -> np.ndarray:
-    """Reorder 9 coefficients from the DPR/shtools order to the SfSNet order."""
-    light9 = np.asarray(light9, dtype=np.float64).reshape(-1)
-    if light9.shape != (N_COEFFS,):
-        raise ValueError(f"light: expected 9 coefficients, got {light9.size}")
-    return light9[list(DPR_TO_SFSNET)]
+    """Reorder 9 coefficients from the DPR/shtools order to the SfSNet order: the order
+    only, axes keep DPR's names (for rendering in DPR's frame); a DPR light for our normals
+    is :func:`dpr_light_to_sfsnet`."""
+    return _check9(light9)[list(DPR_TO_SFSNET)]
 
 
 def grey_light(light9) -> np.ndarray:
     """A 27-value light that uses the same 9 coefficients for R, G and B."""
+    return np.tile(_check9(light9), 3)
+
+
+def _unit_sphere_samples(n: int = 64) -> np.ndarray:
+    """``[n,3]`` unit vectors spread over the sphere (a Fibonacci lattice, deterministic)."""
+    i = np.arange(n) + 0.5
+    z = 1.0 - 2.0 * i / n
+    phi = i * math.pi * (3.0 - math.sqrt(5.0))
+    r = np.sqrt(1.0 - z * z)
+    return np.stack([r * np.cos(phi), r * np.sin(phi), z], axis=1)
+
+
+def _basis_np(n: np.ndarray) -> np.ndarray:
+    return sh_basis(torch.from_numpy(n), dim=1).numpy()
+
+
+def sh_rotation(rotation) -> np.ndarray:
+    """The ``[9,9]`` matrix ``A`` with ``Y(R n) = Y(n) @ A`` (SfSNet order): a light ``c`` given
+    in a frame where normals read ``R n`` is ``A @ c`` in ours. Exact, since each SH band
+    rotates into itself; solved on sample normals in float64."""
+    rotation = np.asarray(rotation, dtype=np.float64)
+    n = _unit_sphere_samples()
+    a, *_ = np.linalg.lstsq(_basis_np(n), _basis_np(n @ rotation.T), rcond=None)
+    return a
+
+
+def _check9(light9) -> np.ndarray:
     light9 = np.asarray(light9, dtype=np.float64).reshape(-1)
     if light9.shape != (N_COEFFS,):
         raise ValueError(f"light: expected 9 coefficients, got {light9.size}")
-    return np.tile(light9, 3)
+    return light9
+
+
+def dpr_light_to_sfsnet(light9_dpr) -> np.ndarray:
+    """A DPR/shtools grey light (9 values, DPR order, DPR frame) -> our 27-value light (R, G
+    and B the same) that shades our normals as DPR shades the same surface."""
+    in_sfsnet_order = dpr_to_sfsnet(_check9(light9_dpr))
+    return grey_light(sh_rotation(DPR_FRAME) @ in_sfsnet_order)
+
+
+def sfsnet_light_to_dpr(light27, channel_weights=(1 / 3, 1 / 3, 1 / 3)) -> np.ndarray:
+    """Our 27-value light -> a DPR/shtools grey light (9 values, DPR order and frame).
+
+    DPR lights one grey channel: the R, G, B blocks are mixed with ``channel_weights``
+    (the mean by default; a luminance weighting is a choice the caller can make).
+    """
+    light27 = np.asarray(light27, dtype=np.float64).reshape(-1)
+    if light27.size != N_LIGHT:
+        raise ValueError(f"light: expected 27 values, got {light27.size}")
+    grey = np.asarray(channel_weights, dtype=np.float64) @ light27.reshape(3, N_COEFFS)
+    in_dpr_frame = np.linalg.solve(sh_rotation(DPR_FRAME), grey)
+    out = np.empty(N_COEFFS)
+    out[list(DPR_TO_SFSNET)] = in_dpr_frame  # inverse of the reordering
+    return out
 
 
 def read_light(path: str | os.PathLike) -> np.ndarray:
-    """Read a light file: 27 floats separated by tabs or other whitespace (one line, or one
-    value a line as ``np.savetxt`` of a column writes them). Returns float64 ``[27]``."""
+    """Read a light file; returns our float64 ``[27]`` light.
+
+    27 floats separated by tabs or other whitespace (the SfSNet format: one line, or one
+    value a line as ``np.savetxt`` of a column writes them), or 9 floats (DPR's format, one
+    value a line: a grey light in DPR's order and frame, converted with
+    :func:`dpr_light_to_sfsnet`).
+    """
     text = Path(path).read_text()
     try:
         values = np.array([float(tok) for tok in text.split()], dtype=np.float64)
     except ValueError as exc:
         raise ValueError(f"{path}: not a light file ({exc})") from None
-    if values.size != N_LIGHT or not np.all(np.isfinite(values)):
-        raise ValueError(f"{path}: expected 27 finite SH coefficients, found {values.size} values")
-    return values
+    if values.size not in (N_COEFFS, N_LIGHT) or not np.all(np.isfinite(values)):
+        raise ValueError(f"{path}: expected 27 (SfSNet) or 9 (DPR) finite SH coefficients, "
+                         f"found {values.size} values")
+    return dpr_light_to_sfsnet(values) if values.size == N_COEFFS else values
 
 
 def format_light(light) -> str:

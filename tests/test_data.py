@@ -98,6 +98,8 @@ def test_pseudo_labels_round_trip(syn, tmp_path, calibrated_model):
     counts, mean_l1 = write_pseudo_labels(tmp_path / "m0.safetensors", tmp_path / "celeba", tmp_path / "pseudo",
                                           batch_size=2)
     assert counts == {"train": 3} and np.isfinite(mean_l1)
+    written = sorted(p.name for p in (tmp_path / "pseudo" / "train").iterdir())
+    assert len(written) == 3 * 6 + 1 and "readme.txt" in written  # no temporary left beside them
     assert D.detect_layout(tmp_path / "pseudo") == "pseudo"
     rows = _rows(tmp_path / "pseudo" / "train.csv")
     assert len(rows) == 3 and all(r["mask"] == "None" and r["depth"] == "None" for r in rows)

@@ -224,7 +224,7 @@ def test_command_exports_a_checkpoint_with_fixed_batch(tmp_path, capsys):
     (["--method", "0", "--opset", "9"], "--opset 9"),
     (["--method", "0", "--batch", "0"], "--batch"),
     (["--method", "3", "--weights", "{tmp}/m0.safetensors", "-o", "{tmp}/m.onnx"], "holds method 0"),
-    (["--method", "0", "--weights", "{tmp}/none.safetensors"], "no such file"),
+    (["--method", "0", "--weights", "{tmp}/none.safetensors"], "no such checkpoint"),
     (["--all", "--weights", "{tmp}/m0.safetensors"], "--all"),
     (["--method", "0", "--int8-layers", "all"], "--int8-layers"),
 ])

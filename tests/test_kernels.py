@@ -100,6 +100,16 @@ def test_empty_batch(backend):
     assert normal.grad.shape == normal.shape and light.grad.shape == light.shape
 
 
+@pytest.mark.parametrize("backend", CPU_FUSED)
+def test_empty_image_has_zero_light_gradient(backend):
+    """H > 0, W = 0: no pixel, so the light gradient is exactly 0 (the kernels write no partials)."""
+    normal = torch.randn(2, 3, 4, 0, requires_grad=True)
+    light = torch.randn(2, 27, requires_grad=True)
+    s, r = sh_shade(normal, light, albedo=torch.rand(2, 3, 4, 0), backend=backend)
+    (s.sum() + r.sum()).backward()
+    assert torch.equal(light.grad, torch.zeros(2, 27))
+
+
 @pytest.mark.parametrize("isa", ["generic", "avx2"])
 def test_narrower_instruction_set_variants(isa):
     """The generic and AVX2 builds of the kernels (picked by SFS_FAST_CPU_ISA in a fresh process)
@@ -267,19 +277,92 @@ def test_cuda_kernels_compile_with_nvcc(tmp_path):
     assert (tmp_path / "k.o").stat().st_size > 0
 
 
-@pytest.mark.skipif(shutil.which("g++") is None, reason="g++ not installed")
-def test_cuda_binding_compiles(tmp_path):
+# Stand-ins for the .cu entry points, with a tile that is not the real 8 x 32: the binding and
+# the launcher must take the geometry from the compiled code, not assume it.
+_CUDA_STUB = """
+#include <cstdint>
+int sfs_cuda_forward(int, int64_t, int64_t, int64_t, const void*, const void*, const void*, const void*, double,
+                     bool, void*, void*, void*) { return 0; }
+int sfs_cuda_backward(int, int64_t, int64_t, int64_t, const void*, const void*, const void*, const void*, double,
+                      bool, const void*, const void*, void*, void*, void*, void*, void*) { return 0; }
+const char* sfs_cuda_error_string(int) { return "stub"; }
+void sfs_cuda_tile_geometry(int* block_h, int* block_w) { *block_h = 4; *block_w = 16; }
+"""
+
+
+@pytest.fixture(scope="module")
+def cuda_binding_on_stub(tmp_path_factory):
+    """The real CUDA binding (sh_shade_binding.cpp) built with g++ against _CUDA_STUB."""
+    if shutil.which("g++") is None:
+        pytest.skip("g++ not installed")
+    import importlib.util
+
     import pybind11
 
-    src = ROOT / "kernels" / "cuda" / "sh_shade_binding.cpp"
-    cmd = ["g++", "-fsyntax-only", "-std=c++17", f"-I{pybind11.get_include()}",
-           f"-I{sysconfig.get_paths()['include']}", str(src)]
+    tmp = tmp_path_factory.mktemp("cuda_binding")
+    (tmp / "stub.cpp").write_text(_CUDA_STUB)
+    target = tmp / ("sfs_stub_cuda" + sysconfig.get_config_var("EXT_SUFFIX"))
+    cmd = ["g++", "-O0", "-shared", "-fPIC", "-std=c++17", "-DTORCH_EXTENSION_NAME=sfs_stub_cuda",
+           f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}",
+           str(ROOT / "kernels" / "cuda" / "sh_shade_binding.cpp"), str(tmp / "stub.cpp"), "-o", str(target)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
+    spec = importlib.util.spec_from_file_location("sfs_stub_cuda", target)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _stub_backward(module, h, w, partial_tiles):
+    # Null pointers: the stub launches nothing; only the binding's own checks run.
+    module.backward(0, 2, h, w, 1, 1, 0, 0, 0.0, True, 1, 0, 1, 0, 0, 1, partial_tiles, 0)
+
+
+def test_cuda_launcher_sizes_partial_from_reported_tiles(cuda_binding_on_stub):
+    from sfs_fast.kernels import cuda_sh_shade
+
+    assert cuda_sh_shade.tile_geometry(cuda_binding_on_stub) == (4, 16)
+    tiles = cuda_sh_shade.light_partial_tiles(cuda_binding_on_stub, 9, 33)
+    assert tiles == 3 * 3  # ceil(9/4) * ceil(33/16); the real kernels' 8x32 tiles would give 2 * 2
+    _stub_backward(cuda_binding_on_stub, 9, 33, tiles)
+
+
+def test_cuda_binding_refuses_partial_sized_for_other_tiles(cuda_binding_on_stub):
+    with pytest.raises(ValueError, match=r"^partial: 4 tiles per image, the kernels' 4x16 tiles need 9"):
+        _stub_backward(cuda_binding_on_stub, 9, 33, 2 * 2)
+
+
+@pytest.mark.parametrize("report", [None, (0, 32), (8,), (8.0, 32)])
+def test_cuda_launcher_refuses_missing_or_malformed_tile_report(report):
+    from types import SimpleNamespace
+
+    from sfs_fast.kernels import cuda_sh_shade
+
+    module = SimpleNamespace() if report is None else SimpleNamespace(tile_geometry=lambda: report)
+    with pytest.raises((RuntimeError, ValueError)):
+        cuda_sh_shade.light_partial_tiles(module, 9, 33)
+
+
+def test_compiled_sh_constants_equal_sfs_fast_sh():
+    """csrc/sh_basis.h (included by the C++ and the CUDA kernels) holds the same constants as
+    sfs_fast.sh, and no other kernel source defines its own."""
+    from sfs_fast import sh
+
+    header = (ROOT / "kernels" / "csrc" / "sh_basis.h").read_text()
+    found = dict(re.findall(r"constexpr double (k\w+) = ([-+.0-9eE]+);", header))
+    want = {"kC1": sh.C1, "kC2": sh.C2, "kC3": sh.C3, "kC4": sh.C4, "kC5": sh.C5, "kEps": sh.NORMAL_EPS}
+    assert {k: float(v) for k, v in found.items()} == want
+    sources = [ROOT / "kernels" / "csrc" / "sh_shade_impl.h", ROOT / "kernels" / "cuda" / "sh_shade_kernels.cu"]
+    for src in sources:
+        text = src.read_text()
+        assert "sh_basis.h" in text and not re.search(r"constexpr double kC\d", text), src.name
 
 
 def test_backends_registry_lists_all():
-    assert {"reference", "compile", "cpu", "triton", "cuda"} <= set(BACKENDS)
+    """BACKENDS is the one tuple of shading backend names (other modules build choices from it)."""
+    assert BACKENDS == ("reference", "compile", "cpu", "triton", "cuda")
+    assert set(available_backends("cpu")) <= set(BACKENDS)
+    assert available_backends("meta") == ["reference", "compile"]
 
 
 def test_op_benchmark_runs_and_reports():

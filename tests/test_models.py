@@ -171,3 +171,79 @@ def test_calibrate_batchnorm_only_named_modules():
                                              align_corners=True)
         pre = model.neural_light_model.conv1[0](up)
     torch.testing.assert_close(bn.running_mean, pre.mean(dim=(0, 2, 3)), rtol=1e-4, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# The registry: every method fact comes from its MethodSpec
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_spec_is_the_single_source_of_modules_and_outputs(outputs, method):
+    """The built model has exactly the spec's modules (checkpoint names, in order) and its
+    forward returns exactly the spec's outputs; the trainer's facts name only those."""
+    _, results = outputs
+    model, out = results[method]
+    spec = METHODS[method]
+    assert model.spec is spec
+    assert [name for name, _ in model.named_children()] == list(spec.module_names)
+    assert tuple(out) == spec.outputs
+    assert (model.head is None) == (spec.head is None)
+    for stage in spec.stages:
+        assert {t.output for t in stage.losses} <= set(out)
+    assert set(spec.frozen_if_loaded) <= set(spec.module_names)
+    assert ("updated_albedo" in out) == bool(spec.beta)
+
+
+def _spec(**changes):
+    """A valid spec of a new method (id 8), with ``changes``."""
+    from sfs_fast.models import MethodSpec, Stage, loss_terms
+
+    fields = dict(method=8, slug="test-residue", head="residue", head_module="test_residue_model",
+                  head_features="ALL", albedo_features="Fa",
+                  stages=(Stage("main", loss_terms(("recon", "face", "l1", 1.0))),))
+    fields.update(changes)
+    return MethodSpec(**fields)
+
+
+def test_registered_spec_builds_by_id_and_slug():
+    from sfs_fast.models import register_method
+
+    spec = register_method(_spec())
+    try:
+        assert method_id("test-residue") == 8 and output_names(8) == list(spec.outputs)
+        model = build_model("test-residue", shading_backend="reference").eval()
+        assert isinstance(model.test_residue_model, type(build_model(3).shading_residual_model))
+        assert "test_residue_model.conv4.weight" in model.state_dict()
+        with torch.no_grad():
+            out = model(torch.rand(1, 3, 32, 32))
+        assert list(out) == output_names(8)
+        with pytest.raises(ValueError, match="clashes"):
+            register_method(_spec(method=9))  # the slug is taken
+    finally:
+        METHODS.pop(8)
+    with pytest.raises(ValueError, match="unknown method"):
+        method_id("test-residue")
+
+
+def test_bad_specs_name_the_field():
+    from sfs_fast.models import GanSpec, LossTerm, Stage, loss_terms
+
+    cases = {
+        "MethodSpec.head": dict(head="mystery"),
+        "MethodSpec.head_module": dict(head_module="conv_model"),
+        "MethodSpec.light": dict(light=False),
+        "MethodSpec.stages": dict(stages=(Stage("main", loss_terms(("recon", "face", "l1", 1.0))),) * 2),
+        "MethodSpec.frozen_if_loaded": dict(frozen_if_loaded=("albedo_residual_model_2",)),
+        "MethodSpec.gan": dict(gan=GanSpec("patch", 0.4, "batch")),  # but no adversarial stage
+    }
+    for field, changes in cases.items():
+        with pytest.raises(ValueError, match=field):
+            _spec(**changes)
+    with pytest.raises(ValueError, match="MethodSpec.stages"):  # a loss on an output it lacks
+        _spec(stages=(Stage("main", loss_terms(("latent_light", "face", "l1", 1.0))),))
+    with pytest.raises(ValueError, match="GanSpec.discriminator"):
+        GanSpec("nope", 0.4, "batch")
+    with pytest.raises(ValueError, match="LossTerm.kind"):
+        LossTerm("recon", "face", "huber", 1.0)
+    with pytest.raises(ValueError, match="LossTerm.target"):
+        LossTerm("recon", "image", "l1", 1.0)

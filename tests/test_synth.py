@@ -10,6 +10,7 @@ from kernel_checks import numpy_shade
 import pytest
 from PIL import Image
 
+from sfs_fast.atomic import TEMP_PREFIX
 from sfs_fast.training import synth
 
 
@@ -49,6 +50,10 @@ def test_layout_and_csv(dataset):
         ident, kind, a, b = name[:-4].split("_")
         assert kind == "face" and len(ident) == 6
         assert row["name"] == f"{folder}_{ident}_{a}_{b}"  # the fixed `name` column
+    # Every file went through sfs_fast.atomic and was renamed into place: 6 per sample + 2 CSVs.
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.name.startswith(TEMP_PREFIX)]
+    assert len(files) == 6 * 5 + 2
 
 
 def test_face_is_albedo_times_shading(dataset):

@@ -16,7 +16,9 @@ from sfs_fast import weights as W
 from sfs_fast.training import losses as L
 from sfs_fast.training import synth
 from sfs_fast.training.data import build_splits
-from sfs_fast.training.trainer import FROZEN_IF_LOADED, TrainOptions, Trainer, TrainingDiverged
+from sfs_fast.atomic import TEMP_PREFIX
+from sfs_fast.models import METHODS, LossTerm
+from sfs_fast.training.trainer import TrainOptions, Trainer, TrainingDiverged
 
 CROP = 32  # the models are fully convolutional: small crops keep the tests fast
 
@@ -48,15 +50,8 @@ def _fixed_batch(trainer, n=2):
 
 def _train_mode_loss(trainer, batch):
     """The stage's supervised loss with batch statistics (the model is in training)."""
-    with torch.no_grad():
-        trainer.set_train_mode()
-        if trainer.stage == "gan":
-            feats = trainer.model.features(batch["face"])
-            out = {"albedo": trainer.model.albedo_gen_model(feats[trainer.model.spec.albedo_features])}
-        else:
-            out = trainer.model(batch["face"])
-        total, _ = trainer._supervised(out, batch)
-    return float(total)
+    trainer.set_train_mode()
+    return trainer.stage_loss(batch)
 
 
 @pytest.mark.parametrize("method", range(8))
@@ -104,7 +99,7 @@ def test_masked_loss_ignores_outside_pixels():
     mask = torch.zeros(2, 1, 8, 8)
     mask[:, :, 2:6, 2:6] = 1
     batch = {"albedo": target, "mask": mask}
-    table = (L.Term("albedo", "albedo", "l1", 1.0),)
+    table = (LossTerm("albedo", "albedo", "l1", 1.0),)
     a, _ = L.compute_losses(table, {"albedo": pred}, batch)
     changed = pred.clone()
     changed[:, :, 0] = 100.0  # outside the mask
@@ -118,11 +113,11 @@ def test_masked_loss_ignores_outside_pixels():
 
 
 def test_every_method_has_a_table():
-    for m, stages in L.STAGES.items():
-        for stage in stages:
-            table = L.loss_table(m, stage)
-            assert table and all(t.weight > 0 for t in table)
-            names = set(build_model(m).eval()(torch.rand(1, 3, 32, 32)))
+    for m, spec in METHODS.items():
+        names = set(build_model(m).eval()(torch.rand(1, 3, 32, 32)))
+        for stage in spec.stages:
+            table = L.loss_table(m, stage.name)
+            assert table is stage.losses and all(t.weight > 0 for t in table)
             assert {t.output for t in table} <= names
 
 
@@ -161,7 +156,7 @@ def test_pretrained_freezes_only_loaded_modules(data, tmp_path):
     W.save(source, tmp_path / "m0.safetensors")
     trainer = Trainer(_opts(data, tmp_path, 3, load_pretrained_model=str(tmp_path / "m0.safetensors")))
     m = trainer.model
-    assert trainer.frozen == set(FROZEN_IF_LOADED[3])
+    assert trainer.frozen == set(METHODS[3].frozen_if_loaded)
     # The second albedo branch starts from the first one's weights (SPEC B.6.2).
     _state_equal(m.albedo_residual_model_2.state_dict(), source.albedo_residual_model.state_dict())
     _state_equal(m.conv_model.state_dict(), source.conv_model.state_dict())
@@ -184,7 +179,7 @@ def test_pretrained_freezes_only_loaded_modules(data, tmp_path):
     target = build_model(3)
     filled = transfer_pretrained(target, partial)
     assert filled == {"conv_model", "normal_residual_model"}
-    assert set(FROZEN_IF_LOADED[3]) & filled == filled
+    assert set(METHODS[3].frozen_if_loaded) & filled == filled
 
 
 def test_nan_stops_and_keeps_last_checkpoint(data, tmp_path):
@@ -224,12 +219,13 @@ def test_sigkill_mid_epoch_then_resume(data, tmp_path):
     assert name == "epoch-0001"
     ckpt = W.load(log_dir / "checkpoints" / name / "model.safetensors")
     assert ckpt.checkpoint_metadata["epoch"] == int(name[-4:])
-    assert not list((log_dir / "checkpoints").glob(".epoch-*")) or True  # a killed temp folder may remain
 
     resumed = _cli(args + ["--load_model", str(log_dir)])
     out, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert latest.read_text().strip() == "epoch-0002"
+    # The resumed run's save removed what the killed one may have left half-written.
+    assert sorted(p.name for p in (log_dir / "checkpoints").iterdir()) == ["LATEST", "epoch-0002"]
     assert "resuming" in out
     epochs = [json.loads(x)["epoch"] for x in (log_dir / "metrics.jsonl").read_text().splitlines()]
     assert epochs == [1, 2]
@@ -280,3 +276,25 @@ def test_metrics_are_exact(data, tmp_path):
     evaluated = trainer.evaluate(ds)
     for key, value in direct.items():
         assert evaluated[key] == pytest.approx(value, rel=1e-5)
+
+
+def test_a_registered_method_trains(data, tmp_path):
+    """One spec entry is all a new method needs: here a GAN method (joint adversarial stage,
+    real albedos from the batch, as no built-in method combines them) trains one step."""
+    from sfs_fast.models import GanSpec, MethodSpec, Stage, loss_terms, register_method
+
+    register_method(MethodSpec(
+        method=8, slug="test-joint-batch-gan", head="residue", head_module="test_residue_model",
+        head_features="ALL", albedo_features="Fa", gan=GanSpec("patch", weight=0.3, real="batch"),
+        stages=(Stage("main", loss_terms(("recon", "face", "smooth_l1", 1.0)), adversarial=True),)))
+    try:
+        trainer = Trainer(_opts(data, tmp_path, "test-joint-batch-gan"))
+        head_before = trainer.model.test_residue_model.conv4.weight.clone()
+        trainer.set_train_mode()
+        parts = trainer.train_step(_fixed_batch(trainer))
+        assert {"total", "recon_smooth_l1", "gan_g", "gan_d"} <= set(parts)
+        assert all(torch.isfinite(torch.tensor(v)) for v in parts.values())
+        assert not torch.equal(trainer.model.test_residue_model.conv4.weight, head_before)
+        assert trainer.stage == "main" and trainer.total_epochs == 1
+    finally:
+        METHODS.pop(8)

@@ -47,7 +47,8 @@ def build_train_parser() -> argparse.ArgumentParser:
                    help="use N rows of each CSV, sampled with --seed (default: all)")
     p.add_argument("--details", default=None, help="text written to <log_dir>/details.txt")
     p.add_argument("--load_pretrained_model", default=None,
-                   help="initialise from weights (Caffe .h5, .pth/.pkl, or ours); the modules it held are "
+                   help="initialise from weights (Caffe .h5, .pth/.pkl, ours, or a registered name such as "
+                        "sfsnet); the modules it held are "
                         "frozen as the method's fix_weights() did")
     p.add_argument("--syn_data", default=None, help="synthetic data folder with train.csv, test.csv, train/, test/")
     p.add_argument("--celeba_data", default=None, help="CelebA pseudo-label folder with train.csv (and test.csv)")

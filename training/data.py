@@ -17,8 +17,6 @@ A sample is a dict of tensors: ``face``, ``albedo`` ``[3,H,W]`` in [0,1]; ``norm
 from __future__ import annotations
 
 import csv
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sfs_fast.atomic import atomic_destination
 from sfs_fast.sh import read_light
 
 SYN_KINDS = ("albedo", "normal", "depth", "mask", "face", "light")
@@ -38,18 +37,12 @@ IMAGE_SIZE = 128
 
 
 def _write_csv_atomic(path: Path, columns, rows) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow([""] + list(columns))
-            for i, row in enumerate(rows):
-                writer.writerow([i] + [row[c] for c in columns])
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``rows`` (dicts) as a CSV with a leading unnamed index column, written atomically."""
+    with atomic_destination(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([""] + list(columns))
+        for i, row in enumerate(rows):
+            writer.writerow([i] + [row[c] for c in columns])
 
 
 def synthetic_rows(split_dir) -> list[dict]:

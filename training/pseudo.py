@@ -9,13 +9,13 @@ gives them back (the Illum copies stored the raw normal with negatives clipped, 
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
+from sfs_fast.atomic import atomic_destination
 from sfs_fast.sh import format_light
 from sfs_fast.training.data import IMAGE_SIZE, _open_rgb, _to_tensor, generate_pseudo_csv
 
@@ -53,10 +53,11 @@ def _images(folder: Path) -> list[Path]:
 
 
 def _save(path: Path, chw: torch.Tensor):
+    """``[3,H,W]`` in [0,1] as an 8-bit PNG, atomically (the temporary name keeps ``.png``
+    last, which tells PIL the format)."""
     arr = (chw.clamp(0, 1).permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
-    tmp = path.with_name("." + path.name + ".tmp.png")
-    Image.fromarray(arr).save(tmp)
-    os.replace(tmp, path)
+    with atomic_destination(path) as tmp:
+        Image.fromarray(arr).save(tmp)
 
 
 def write_pseudo_labels(weights, celeba_dir, out, *, method=None, batch_size=16, device="cpu"):

@@ -24,15 +24,16 @@ Layout written by :func:`write_dataset`::
 from __future__ import annotations
 
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from sfs_fast.atomic import atomic_destination
 from sfs_fast.kernels import sh_shade
 from sfs_fast.sh import write_light, format_light
 
@@ -143,18 +144,26 @@ def _smooth_noise(rng, n, channels, size, cells=4, std=1.0) -> torch.Tensor:
     return F.interpolate(grid, size=(size, size), mode="bicubic", align_corners=True)
 
 
-def render_batch(rng: np.random.Generator, n: int, size: int = 128, lights_per_face: int = 1) -> dict:
-    """Draw ``n`` faces (each under ``lights_per_face`` lights) and render them.
+class _Face(NamedTuple):
+    """One batch of drawn head shapes: height ``z`` and ``mask`` ``[B,H,W]``, pose angles
+    ``[B]`` (radians) and where the features sit (``[B,1,1]`` each), which the albedo uses."""
 
-    Returns a dict of NumPy arrays, ``m = n * lights_per_face`` samples:
-    ``face``, ``albedo``, ``normal`` uint8 ``[m,H,W,3]``; ``mask``, ``depth`` uint8 ``[m,H,W]``;
-    ``light`` float64 ``[m,27]``.
-    """
-    dt = torch.float32
-    lin = (torch.arange(size, dtype=dt) + 0.5) / size * 2.0 - 1.0
-    u, v = lin.reshape(1, size), -lin.reshape(size, 1)  # u right (columns), v up (rows)
+    z: torch.Tensor
+    mask: torch.Tensor
+    yaw: torch.Tensor
+    pitch: torch.Tensor
+    roll: torch.Tensor
+    fx: torch.Tensor  # feature centre
+    fy: torch.Tensor
+    rx: torch.Tensor  # head half-width
+    eye_dx: torch.Tensor
+    eye_y: torch.Tensor
+    mouth_y: torch.Tensor
 
-    # Head: a flattened ellipsoid.
+
+def _draw_heads(rng, n, u, v) -> _Face:
+    """Height fields of ``n`` heads on the grid ``u`` ``[1,W]``, ``v`` ``[H,1]``: a flattened
+    ellipsoid plus nose, eye sockets, cheeks, brow ridge, lips, mouth line and chin."""
     cx, cy = _col(rng, n, -0.06, 0.06), _col(rng, n, -0.10, 0.02)
     rx, ry = _col(rng, n, 0.58, 0.74), _col(rng, n, 0.78, 0.95)
     depth_scale = _col(rng, n, 0.55, 0.85) * rx
@@ -185,20 +194,27 @@ def render_batch(rng: np.random.Generator, n: int, size: int = 128, lights_per_f
     feats = feats + _col(rng, n, 0.015, 0.035) * _gauss(u, v, fx, mouth_y, 0.14, 0.045)  # lips
     feats = feats - 0.02 * _gauss(u, v, fx, mouth_y, 0.12, 0.012)  # mouth line
     feats = feats + _col(rng, n, 0.01, 0.04) * _gauss(u, v, fx, mouth_y - 0.22, 0.12, 0.08)  # chin
-    z = z + feats * fade
+    return _Face(z + feats * fade, e > 0.03, yaw, pitch, roll, fx, fy, rx, eye_dx, eye_y, mouth_y)
 
-    mask = e > 0.03
+
+def _normals(face: _Face, size: int) -> torch.Tensor:
+    """Unit normals ``[B,3,H,W]`` of the height field, turned by the pose; (0, 0, 1) outside."""
     step = 2.0 / size
-    dz_dv, dz_du = torch.gradient(z, spacing=step, dim=(1, 2))
+    dz_dv, dz_du = torch.gradient(face.z, spacing=step, dim=(1, 2))
     dz_dv = -dz_dv  # rows run down, v runs up
-    normal = torch.stack([-dz_du, -dz_dv, torch.ones_like(z)], 1)
+    normal = torch.stack([-dz_du, -dz_dv, torch.ones_like(face.z)], 1)
     normal = normal / (normal * normal).sum(1, keepdim=True).sqrt()
-    rot = _rotation(yaw, pitch, roll)
+    rot = _rotation(face.yaw, face.pitch, face.roll)
     normal = torch.einsum("bij,bjhw->bihw", rot, normal)
-    wall = torch.tensor([0.0, 0.0, 1.0], dtype=dt).reshape(1, 3, 1, 1)
-    normal = torch.where(mask[:, None], normal, wall)
+    wall = torch.tensor([0.0, 0.0, 1.0], dtype=normal.dtype).reshape(1, 3, 1, 1)
+    return torch.where(face.mask[:, None], normal, wall)
 
-    # Albedo: skin tone + low-frequency variation, redder cheeks, darker brows/eyes/lips.
+
+def _draw_albedo(rng, face: _Face, u, v, size: int) -> torch.Tensor:
+    """Albedo ``[B,3,H,W]`` in [0,1]: skin tone + low-frequency variation, redder cheeks,
+    darker brows/eyes/lips, a random background outside the mask."""
+    dt, n = torch.float32, face.z.shape[0]
+    fx, fy, rx, eye_dx, eye_y, mouth_y = face.fx, face.fy, face.rx, face.eye_dx, face.eye_y, face.mouth_y
     tones = torch.tensor(SKIN_TONES, dtype=dt)
     t = _f32(rng.uniform(0, len(SKIN_TONES) - 1, n))
     i0 = t.floor().long().clamp(max=len(SKIN_TONES) - 2)
@@ -219,12 +235,29 @@ def render_batch(rng: np.random.Generator, n: int, size: int = 128, lights_per_f
     lips = _gauss(u, v, fx, mouth_y, 0.13, 0.035)[:, None]
     albedo = albedo + (lip_tone - albedo) * (_col(rng, n, 0.5, 0.85)[:, None] * lips)
     back = _f32(rng.uniform(0.1, 0.9, (n, 3, 1, 1))) * (1.0 + _smooth_noise(rng, n, 3, size, 3, 0.15))
-    albedo = torch.where(mask[:, None], albedo, back).clamp(0.0, 1.0)
+    return torch.where(face.mask[:, None], albedo, back).clamp(0.0, 1.0)
+
+
+def render_batch(rng: np.random.Generator, n: int, size: int = 128, lights_per_face: int = 1) -> dict:
+    """Draw ``n`` faces (each under ``lights_per_face`` lights) and render them.
+
+    Returns a dict of NumPy arrays, ``m = n * lights_per_face`` samples:
+    ``face``, ``albedo``, ``normal`` uint8 ``[m,H,W,3]``; ``mask``, ``depth`` uint8 ``[m,H,W]``;
+    ``light`` float64 ``[m,27]``.
+    """
+    dt = torch.float32
+    lin = (torch.arange(size, dtype=dt) + 0.5) / size * 2.0 - 1.0
+    u, v = lin.reshape(1, size), -lin.reshape(size, 1)  # u right (columns), v up (rows)
+    # The draws run in this order (shape, then albedo, then lights): the data of a seed is fixed.
+    face = _draw_heads(rng, n, u, v)
+    normal = _normals(face, size)
+    albedo = _draw_albedo(rng, face, u, v, size)
+    mask = face.mask
 
     # Quantize first and render from exactly what is stored.
     albedo_u8 = (albedo * 255.0).round().to(torch.uint8)
     normal_u8 = (normal * 128.0 + 128.0).round().clamp(0, 255).to(torch.uint8)
-    depth = torch.where(mask, z, torch.zeros_like(z))
+    depth = torch.where(mask, face.z, torch.zeros_like(face.z))
     depth_u8 = (depth / depth.amax(dim=(1, 2), keepdim=True).clamp(min=1e-6) * 255.0).round().to(torch.uint8)
 
     k = lights_per_face
@@ -295,14 +328,11 @@ def write_dataset(out, n: int, seed: int = 0, size: int = 128, test_fraction: fl
         folder.mkdir(parents=True, exist_ok=True)
         stem = f"{face_id:06d}_{{kind}}_1_{j % k + 1}"
         for kind in KINDS_PNG:
-            final = folder / (stem.format(kind=kind) + ".png")
-            tmp = final.with_name("." + final.name + ".tmp.png")
-            _save_png(tmp, arrays[kind][j])
-            os.replace(tmp, final)
-        final = folder / (stem.format(kind="light") + ".txt")
-        tmp = final.with_name("." + final.name + ".tmp")
-        write_light(tmp, arrays["light"][j])
-        os.replace(tmp, final)
+            # The temporary name ends in .png too: PIL picks the format from it.
+            with atomic_destination(folder / (stem.format(kind=kind) + ".png")) as tmp:
+                _save_png(tmp, arrays[kind][j])
+        with atomic_destination(folder / (stem.format(kind="light") + ".txt")) as tmp:
+            write_light(tmp, arrays["light"][j])
 
     # PNG encoding releases the GIL: write one batch while the next one renders.
     with ThreadPoolExecutor(max_workers=2) as pool:

@@ -1,11 +1,15 @@
 """Trainers for the eight methods (SPEC B.3, A.8; DESIGN section 8).
 
-One :class:`Trainer` runs every method; what differs between methods is data:
-the loss tables of :mod:`sfs_fast.training.losses`, which modules freeze when they were
-loaded from pretrained weights (:data:`FROZEN_IF_LOADED`), and, for 5-7, the GAN set-up.
-Method 5 trains jointly (discriminator step, then generator + pipeline step); methods 6 and 7
-run two stages of ``--epochs`` each: the adversarial generator stage, then the reconstruction
-stage with the generator frozen.
+One :class:`Trainer` runs every method; what differs between methods is data on its
+:class:`sfs_fast.models.MethodSpec`: the training stages with their loss tables, which
+modules freeze when they were loaded from pretrained weights (``frozen_if_loaded``) and, for
+5-7, the GAN set-up. An adversarial stage that runs the whole model trains jointly
+(method 5: discriminator step, then generator + pipeline step); methods 6 and 7 run two
+stages of ``--epochs`` each: the adversarial generator stage (``albedo_only``), then the
+reconstruction stage with the generator frozen (its ``Stage.frozen``).
+
+FIX-freeze-loaded: a module is only frozen when it was actually loaded from
+--load_pretrained_model (the original also froze freshly initialised branches, B.7.4).
 
 The albedo generator of the GAN methods is the model's own ``albedo_gen_model`` (the original
 kept it as a separate ``AlbedoGenerationNet``; the layers are the same), trained by its own
@@ -21,10 +25,7 @@ FIX-mask-losses, FIX-read-first-seed (data.py), FIX-details-optional.
 from __future__ import annotations
 
 import json
-import math
-import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,30 +34,13 @@ import numpy as np
 import torch
 
 from sfs_fast import weights as weights_mod
+from sfs_fast.atomic import TEMP_PREFIX, atomic_destination, atomic_write
 from sfs_fast.kernels import resolve_backend
-from sfs_fast.models import build_discriminator, build_model, init_weights, method_id
+from sfs_fast.models import METHODS, Stage, build_discriminator, build_model, init_weights, method_id
+from sfs_fast.precision import normal_angles_deg
 from sfs_fast.training import losses as L
 from sfs_fast.training.data import build_splits
 
-TRUNK = ("conv_model", "normal_residual_model", "normal_gen_model", "albedo_residual_model", "light_estimator_model")
-
-# The original fix_weights() of each method (SPEC B.3). FIX-freeze-loaded: a module is only
-# frozen when it was actually loaded from --load_pretrained_model (the original also froze
-# freshly initialised branches, B.7.4). Method 2's fix_weights named a module it does not
-# have; we keep the rest of its trunk.
-FROZEN_IF_LOADED = {
-    0: (),
-    1: TRUNK,
-    2: ("conv_model", "normal_residual_model", "normal_gen_model"),
-    3: TRUNK,
-    4: TRUNK + ("albedo_gen_model",),
-    5: TRUNK,
-    6: TRUNK,
-    7: TRUNK,
-}
-# Frozen between stage 1 and stage 2 of methods 6/7 (fix_new_weights + the generator).
-FROZEN_FOR_RECON_STAGE = ("albedo_residual_model_2", "albedo_gen_model")
-GAN_METHODS = (5, 6, 7)
 DISC_SIZE = 128
 
 
@@ -110,24 +94,6 @@ def _set_seed(seed: int):
     np.random.seed(seed % (2**32))
 
 
-def _atomic_torch_save(obj, path: Path):
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _atomic_write_text(path: Path, text: str):
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def find_checkpoint(path) -> Path:
     """The epoch folder to resume from: ``path`` may be a log dir, its ``checkpoints/`` or an
     epoch folder itself."""
@@ -170,12 +136,12 @@ def transfer_pretrained(model, source) -> set:
 
 
 def load_source_model(path, method: int):
-    """Any importer's output (Caffe .h5, .pth/.pkl, ours) as a model to copy from."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"--load_pretrained_model {path}: no such file")
+    """Any importer's output (Caffe .h5, .pth/.pkl, ours) or registered weights (``sfsnet``)
+    as a model to copy from; an unknown path or name raises CheckpointError (one line)."""
     try:
         return weights_mod.load_any(path, method=method)
+    except weights_mod.WeightsDownloadError:
+        raise  # not a method mismatch: do not fetch twice
     except (ValueError, KeyError):
         # A file of another method (e.g. a method-0 checkpoint for method 3): load as stored.
         return weights_mod.load_any(path)
@@ -195,8 +161,9 @@ class Trainer:
         if opts.crop is not None and (opts.crop < 16 or opts.crop % 4):
             raise ValueError(f"--crop: expected a multiple of 4, at least 16, got {opts.crop}")
         self.log_dir = Path(opts.log_dir)
-        self.stages = L.STAGES[self.method]
-        self.gan = L.GAN_SPECS.get(self.method)
+        self.spec = METHODS[self.method]
+        self.stages = self.spec.stages
+        self.gan = self.spec.gan
         _set_seed(opts.seed)
 
         resume_dir = find_checkpoint(opts.load_model) if opts.load_model else None
@@ -220,7 +187,7 @@ class Trainer:
                 self.loaded = transfer_pretrained(self.model, source)
                 if not self.loaded:
                     raise ValueError(f"--load_pretrained_model {opts.load_pretrained_model}: no module fits method {self.method}")
-                self.frozen = set(FROZEN_IF_LOADED[self.method]) & self.loaded
+                self.frozen = set(self.spec.frozen_if_loaded) & self.loaded  # FIX-freeze-loaded
         self.model.to(self.device)
 
         self.disc = build_discriminator(self.method).to(self.device) if self.gan else None
@@ -256,17 +223,21 @@ class Trainer:
         self.d_opt = torch.optim.Adam(self.disc.parameters(), lr=o.lr) if self.gan else None
 
     @property
-    def stage(self) -> str:
+    def stage_spec(self) -> Stage:
+        """The stage the next epoch trains: ``--epochs`` epochs of each of ``spec.stages``."""
         return self.stages[min(self.epoch // self.opts.epochs, len(self.stages) - 1)]
+
+    @property
+    def stage(self) -> str:
+        """The name of :attr:`stage_spec` (what logs and checkpoints record)."""
+        return self.stage_spec.name
 
     @property
     def total_epochs(self) -> int:
         return self.opts.epochs * len(self.stages)
 
     def _apply_freeze(self):
-        frozen = set(self.frozen)
-        if self.stage == "recon":
-            frozen |= set(FROZEN_FOR_RECON_STAGE)
+        frozen = set(self.frozen) | set(self.stage_spec.frozen)
         for name, module in self.model.named_children():
             module.requires_grad_(name not in frozen)
         self._active_frozen = frozen
@@ -294,18 +265,26 @@ class Trainer:
         return L.compute_losses(self.table(stage), outputs, batch, mask_losses=self.opts.mask_losses,
                                 normalize=self.model.config.normalize, backend=self.model.config.shading_backend)
 
-    @torch.no_grad()
     def batch_loss(self, batch: dict) -> float:
         """The supervised loss of the current stage on ``batch`` (no update; eval mode)."""
         self.model.eval()
+        return self.stage_loss(batch)
+
+    @torch.no_grad()
+    def stage_loss(self, batch: dict) -> float:
+        """The supervised loss of the current stage on ``batch``, no update, with the modules
+        in the modes they are in (after :meth:`set_train_mode`: with batch statistics)."""
         batch = self.to_device(batch)
-        if self.stage == "gan":
-            feats = self.model.features(batch["face"])
-            outputs = {"albedo": self.model.albedo_gen_model(feats[self.model.spec.albedo_features])}
+        if self.stage_spec.albedo_only:
+            outputs = {"albedo": self.generated_albedo(self.model.features(batch["face"]))}
         else:
             outputs = self.model(batch["face"])
         total, _ = self._supervised(outputs, batch)
         return float(total)
+
+    def generated_albedo(self, feats: dict) -> torch.Tensor:
+        """The albedo generator's output on trunk features (what the discriminator judges)."""
+        return self.model.albedo_gen_model(feats[self.spec.albedo_features])
 
     def _next_real_albedo(self, n: int) -> torch.Tensor:
         """Real albedos from the synthetic-only pool, reshuffled when exhausted (B.4.4)."""
@@ -321,6 +300,14 @@ class Trainer:
                 return next(self._real_iter)["albedo"].to(self.device)
             except StopIteration:
                 self._real_iter = None
+
+    def _real_albedos(self, batch: dict):
+        """The discriminator's real side as ``(albedos, target)``, by ``gan.real``: the batch's
+        own albedos with per-sample labels (FIX-per-sample-labels, B.7.6b/f), or as many
+        synthetic ones, all labelled 1."""
+        if self.gan.real == "batch":
+            return batch["albedo"], batch["label"]
+        return self._next_real_albedo(batch["face"].shape[0]), 1.0
 
     def _disc(self, albedo: torch.Tensor) -> torch.Tensor:
         """The discriminator on ``[B,3,h,w]`` albedos. Both critics need 128x128 inputs (their
@@ -341,11 +328,11 @@ class Trainer:
     def train_step(self, batch: dict) -> dict:
         """One optimisation step of the current stage on ``batch``; returns the loss parts."""
         batch = self.to_device(batch)
-        stage = self.stage
-        if self.method == 5:
-            parts = self._step_joint_gan(batch)
-        elif stage == "gan":
+        stage = self.stage_spec
+        if stage.albedo_only:
             parts = self._step_generator_stage(batch)
+        elif stage.adversarial:
+            parts = self._step_joint_gan(batch)
         else:
             outputs = self.model(batch["face"])
             total, parts = self._supervised(outputs, batch)
@@ -358,68 +345,54 @@ class Trainer:
         return {k: float(v) for k, v in parts.items()}
 
     def _step_joint_gan(self, batch):
-        """Method 5 (final version): D step on real synthetic albedos vs G(Fa), then the
-        generator + pipeline step on recon + lambda * GAN."""
-        model, D, w = self.model, self.disc, self.gan.weight
-        feats = model.features(batch["face"])
-        fake = model.albedo_gen_model(feats[model.spec.albedo_features])
-        real = self._next_real_albedo(batch["face"].shape[0])
-        # FIX-gan-target-shape: targets shaped like D's output.
-        loss_d = 0.5 * (L.gan_mse(self._disc(real), 1.0) + L.gan_mse(self._disc(fake.detach()), 0.0))
-        self._check("discriminator loss", loss_d)
-        self.d_opt.zero_grad(set_to_none=True)
-        loss_d.backward()
-        self.d_opt.step()
-
-        D.requires_grad_(False)
-        try:
-            outputs = model.decompose_features(feats, albedo=fake)
-            supervised, parts = self._supervised(outputs, batch)
-            loss_gan = L.gan_mse(self._disc(fake), 1.0)
-            total = supervised + w * loss_gan
-            self._check("loss", total, parts)
-            self.opt.zero_grad(set_to_none=True)
-            self.g_opt.zero_grad(set_to_none=True)
-            total.backward()
-            self.g_opt.step()
-            self.opt.step()
-        finally:
-            D.requires_grad_(True)
-        return {"total": total.detach(), **parts, "gan_g": loss_gan.detach(), "gan_d": loss_d.detach()}
+        """An adversarial stage of the whole model (method 5, final version): D step on real
+        albedos vs G(F*), then the generator + pipeline step on supervised + weight * GAN."""
+        feats = self.model.features(batch["face"])
+        fake = self.generated_albedo(feats)
+        loss_d = self._discriminator_step(batch, fake)
+        parts = self._generator_step(self.model.decompose_features(feats, albedo=fake), fake, batch)
+        return {**parts, "gan_d": loss_d}
 
     def _step_generator_stage(self, batch):
-        """Methods 6/7, stage 1: generator step (10 SmoothL1 albedo + GAN), then D step.
-        Method 6's D sees synthetic GT albedos as real; method 7's D sees the batch's own
-        albedos with their labels (1 synthetic, 0 CelebA pseudo label)."""
-        model, D, w = self.model, self.disc, self.gan.weight
-        feats = model.features(batch["face"])
-        fake = model.albedo_gen_model(feats[model.spec.albedo_features])
-        D.requires_grad_(False)
+        """An ``albedo_only`` stage (methods 6/7, stage 1): generator step (supervised + GAN),
+        then D step. With ``gan.real == "synthetic"`` (6) D sees synthetic GT albedos as real;
+        with ``"batch"`` (7) the batch's own albedos with their labels (1 synthetic, 0 CelebA
+        pseudo label)."""
+        fake = self.generated_albedo(self.model.features(batch["face"]))
+        # The pipeline optimiser steps too, so albedo_residual_model_2 learns in this stage as
+        # in the earlier version (fcef6d58); the later one computed its gradients and dropped
+        # them, then froze it.
+        parts = self._generator_step({"albedo": fake}, fake, batch)
+        return {**parts, "gan_d": self._discriminator_step(batch, fake)}
+
+    def _generator_step(self, outputs: dict, fake: torch.Tensor, batch: dict) -> dict:
+        """One step of the generator's and the pipeline's optimizers on the supervised loss of
+        ``outputs`` plus ``gan.weight`` times the GAN loss of ``fake``; D is frozen meanwhile."""
+        self.disc.requires_grad_(False)
         try:
-            supervised, parts = self._supervised({"albedo": fake}, batch, "gan")
+            supervised, parts = self._supervised(outputs, batch)
             loss_gan = L.gan_mse(self._disc(fake), 1.0)
-            total = supervised + w * loss_gan
+            total = supervised + self.gan.weight * loss_gan
             self._check("loss", total, parts)
             self.opt.zero_grad(set_to_none=True)
             self.g_opt.zero_grad(set_to_none=True)
             total.backward()
             self.g_opt.step()
-            # The pipeline optimiser steps too, so albedo_residual_model_2 learns in this stage
-            # as in the earlier version (fcef6d58); the later one computed its gradients and
-            # dropped them, then froze it.
             self.opt.step()
         finally:
-            D.requires_grad_(True)
-        if self.gan.real == "batch":
-            real, real_target = batch["albedo"], batch["label"]  # FIX-per-sample-labels (B.7.6b/f)
-        else:
-            real, real_target = self._next_real_albedo(fake.shape[0]), 1.0
+            self.disc.requires_grad_(True)
+        return {"total": total.detach(), **parts, "gan_g": loss_gan.detach()}
+
+    def _discriminator_step(self, batch: dict, fake: torch.Tensor) -> torch.Tensor:
+        """One D step: real albedos (:meth:`_real_albedos`) against the detached ``fake``."""
+        real, real_target = self._real_albedos(batch)
+        # FIX-gan-target-shape: targets shaped like D's output.
         loss_d = 0.5 * (L.gan_mse(self._disc(real), real_target) + L.gan_mse(self._disc(fake.detach()), 0.0))
         self._check("discriminator loss", loss_d)
         self.d_opt.zero_grad(set_to_none=True)
         loss_d.backward()
         self.d_opt.step()
-        return {"total": total.detach(), **parts, "gan_g": loss_gan.detach(), "gan_d": loss_d.detach()}
+        return loss_d.detach()
 
     # ---------------------------------------------------------------- evaluation
 
@@ -439,7 +412,7 @@ class Trainer:
             batch = self.to_device(batch)
             out = self.model(batch["face"])
             metrics = decomposition_errors(out, batch)
-            if self.stage != "gan":
+            if not self.stage_spec.albedo_only:
                 metrics["loss"], _ = self._supervised(out, batch)
             stats.add(metrics)  # one add per batch: the means divide by the batch count
         return stats.means()
@@ -521,7 +494,7 @@ class Trainer:
             return
         keep = [line for line in path.read_text().splitlines() if line.strip()
                 and json.loads(line).get("epoch", 0) <= self.epoch]
-        _atomic_write_text(path, "".join(line + "\n" for line in keep))
+        atomic_write(path, lambda f: f.write("".join(line + "\n" for line in keep).encode()))
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -529,12 +502,27 @@ class Trainer:
         """``<log_dir>/checkpoints/epoch-NNNN/{model.safetensors,state.pt}``, then ``LATEST``
         (the switch is one atomic rename), then ``<log_dir>/model.safetensors``."""
         ckdir = self.log_dir / "checkpoints"
-        ckdir.mkdir(parents=True, exist_ok=True)
         name = f"epoch-{self.epoch:04d}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=ckdir))
-        meta = self._metadata(record)
-        weights_mod.save(self.model, tmp / "model.safetensors", **meta)
-        state = {
+        final = ckdir / name
+        with atomic_destination(final) as tmp:  # the epoch folder appears whole or not at all
+            tmp.mkdir()
+            weights_mod.save(self.model, tmp / "model.safetensors", **self._metadata(record))
+            torch.save(self._training_state(), tmp / "state.pt")
+            if final.exists():
+                shutil.rmtree(final)
+        atomic_write(ckdir / "LATEST", lambda f: f.write(f"{name}\n".encode()))
+        for old in ckdir.iterdir():
+            # Older epochs, and the temporary folder of a run killed while it saved.
+            if (old.name.startswith("epoch-") and old.name != name) or old.name.startswith(TEMP_PREFIX):
+                shutil.rmtree(old, ignore_errors=True)
+        with atomic_destination(self.log_dir / "model.safetensors") as tmp:
+            shutil.copyfile(final / "model.safetensors", tmp)
+        self.last_good = final
+        return final
+
+    def _training_state(self) -> dict:
+        """What ``state.pt`` holds besides the model: counters, optimizers, D, the RNG."""
+        return {
             "epoch": self.epoch, "step": self.step, "method": self.method,
             "frozen": sorted(self.frozen), "loaded": sorted(self.loaded),
             "optimizer": self.opt.state_dict(),
@@ -543,19 +531,6 @@ class Trainer:
             "discriminator": self.disc.state_dict() if self.disc is not None else None,
             "torch_rng": torch.get_rng_state(),
         }
-        _atomic_torch_save(state, tmp / "state.pt")
-        final = ckdir / name
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _atomic_write_text(ckdir / "LATEST", name + "\n")
-        for old in ckdir.glob("epoch-*"):
-            if old.name != name:
-                shutil.rmtree(old, ignore_errors=True)
-        shutil.copyfile(final / "model.safetensors", self.log_dir / ".model.safetensors.tmp")
-        os.replace(self.log_dir / ".model.safetensors.tmp", self.log_dir / "model.safetensors")
-        self.last_good = final
-        return final
 
     def _metadata(self, record):
         o = self.opts
@@ -609,11 +584,9 @@ def decomposition_errors(out: dict, batch: dict) -> dict:
     """Masked error metrics of one batch: normal angle (deg), albedo/recon L1, light MSE."""
     mask = batch["mask"]
     denom = mask.sum().clamp(min=1.0)
-    gt_n = batch["normal"] / (batch["normal"].norm(dim=1, keepdim=True) + 1e-8)
-    pred_n = out["normal"] / (out["normal"].norm(dim=1, keepdim=True) + 1e-8)
-    cos = (gt_n * pred_n).sum(1, keepdim=True).clamp(-1.0, 1.0)
+    angles = normal_angles_deg(out["normal"], batch["normal"])  # [B*H*W], the mask's order
     metrics = {
-        "normal_deg": float((torch.rad2deg(torch.acos(cos)) * mask).sum() / denom),
+        "normal_deg": float((angles * mask.flatten().double()).sum() / denom),
         "albedo_l1": float(((out["albedo"] - batch["albedo"]).abs() * mask).sum() / (3 * denom)),
         "recon_l1": float(((out["recon"] - batch["face"]).abs() * mask).sum() / (3 * denom)),
     }

@@ -8,7 +8,8 @@
 // Must be included after all standard headers (see the .cpp files), with SFS_ENTRY(name)
 // defined to give the two entry points (forward, backward) a per-target name.
 //
-// Math (sfs_fast/sh.py is the definition): u = n / (|n| + 1e-8) (or n when !normalize),
+// Math (sfs_fast/sh.py is the definition; its constants and basis are in sh_basis.h, shared
+// with the CUDA kernels): u = n / (|n| + 1e-8) (or n when !normalize),
 // Y = 9 SH basis values of u, s_c = Y . L[9c:9c+9] + res_c, recon_c = s_c * (alb_c - beta*res_c).
 
 // Every per-pixel helper is forced inline: in a translation unit holding 64 instantiations
@@ -22,13 +23,8 @@
 
 namespace {
 
-// The constants of sfs_fast/sh.py (C1..C5) as round-trip doubles.
-constexpr double kC1 = 0.886226925452758;   // pi / sqrt(4 pi)
-constexpr double kC2 = 1.0233267079464883;   // 2pi/3 * sqrt(3/(4pi))
-constexpr double kC3 = 0.24770795610037571;      // pi/4 * 0.5 * sqrt(5/(4pi))
-constexpr double kC4 = 0.8580855308097834;      // pi/4 * 3 * sqrt(5/(12pi))
-constexpr double kC5 = 0.4290427654048917;      // pi/4 * 3 * sqrt(5/(48pi))
-constexpr double kEps = 1e-8;
+#include "sh_basis.h"
+
 // Below this many pixels one thread does the work: waking a team costs more than it saves
 // (the same threshold idea as ATen's GRAIN_SIZE = 32768 elements).
 constexpr int64_t kParallelGrain = 16384;
@@ -98,31 +94,19 @@ template <> struct Io<BFloat16> {
   SFS_ALWAYS_INLINE void store(BFloat16* p, int64_t i, float v) { p[i].bits = float_to_bf16(v); }
 };
 
-// Unit normal and the 9 basis values of one pixel. Also returns d = |n| + eps and r = |n|.
+// Unit normal and the 9 basis values of one pixel, with the scales of unit_scales (1 and 0
+// without normalization, where u = n).
 template <typename A, bool NORM>
 SFS_ALWAYS_INLINE void basis(A x, A y, A z, A* u, A* Y, A* inv_d, A* inv_r) {
   if (NORM) {
-    const A r = std::sqrt(x * x + y * y + z * z);
-    const A inv = A(1) / (r + A(kEps));
-    *inv_d = inv;
-    // Branch-free (selects, no guarded division) so GCC if-converts and vectorizes the loop.
-    const bool nonzero = r > A(0);
-    *inv_r = (nonzero ? A(1) : A(0)) / (nonzero ? r : A(1));
-    x *= inv; y *= inv; z *= inv;
+    unit_scales(x, y, z, inv_d, inv_r);
+    x *= *inv_d; y *= *inv_d; z *= *inv_d;
   } else {
     *inv_d = A(1);
     *inv_r = A(0);
   }
   u[0] = x; u[1] = y; u[2] = z;
-  Y[0] = A(kC1);
-  Y[1] = A(kC2) * z;
-  Y[2] = A(kC2) * x;
-  Y[3] = A(kC2) * y;
-  Y[4] = A(kC3) * (A(2) * z * z - x * x - y * y);
-  Y[5] = A(kC4) * x * z;
-  Y[6] = A(kC4) * y * z;
-  Y[7] = A(kC5) * (x * x - y * y);
-  Y[8] = A(kC4) * x * y;
+  sh_basis(x, y, z, Y);
 }
 
 // Forward over one image row of W pixels; pointers are at the row's first pixel of channel 0.
@@ -141,8 +125,7 @@ static void forward_row(const T* __restrict n, const T* __restrict res, const T*
     for (int c = 0; c < 3; ++c) {
       const int64_t j = i + c * plane;
       const A* Lc = Lr + 9 * c;
-      A s = Lc[0] * Y[0] + Lc[1] * Y[1] + Lc[2] * Y[2] + Lc[3] * Y[3] + Lc[4] * Y[4] +
-            Lc[5] * Y[5] + Lc[6] * Y[6] + Lc[7] * Y[7] + Lc[8] * Y[8];
+      A s = sh_dot9(Lc, Y);
       A rc = A(0);
       if (RES) rc = IO::load(res, j);
       s += rc;
@@ -177,8 +160,7 @@ SFS_ALWAYS_INLINE void backward_pixel(const T* __restrict n, const T* __restrict
     const A* Lc = L + 9 * c;
     A g = IO::load(gs, j);
     if (ALB) {
-      A s = Lc[0] * Y[0] + Lc[1] * Y[1] + Lc[2] * Y[2] + Lc[3] * Y[3] + Lc[4] * Y[4] +
-            Lc[5] * Y[5] + Lc[6] * Y[6] + Lc[7] * Y[7] + Lc[8] * Y[8];
+      A s = sh_dot9(Lc, Y);
       const A rc = RES ? IO::load(res, j) : A(0);
       s += rc;
       const A grc = IO::load(gr, j);
@@ -195,22 +177,12 @@ SFS_ALWAYS_INLINE void backward_pixel(const T* __restrict n, const T* __restrict
       Lw[k] += g * Lc[k];
     }
   }
-  // d(Y . Lw)/du
-  const A ux = u[0], uy = u[1], uz = u[2];
-  const A gx = A(kC2) * Lw[2] - A(2 * kC3) * ux * Lw[4] + A(kC4) * uz * Lw[5] + A(2 * kC5) * ux * Lw[7] + A(kC4) * uy * Lw[8];
-  const A gy = A(kC2) * Lw[3] - A(2 * kC3) * uy * Lw[4] + A(kC4) * uz * Lw[6] - A(2 * kC5) * uy * Lw[7] + A(kC4) * ux * Lw[8];
-  const A gz = A(kC2) * Lw[1] + A(4 * kC3) * uz * Lw[4] + A(kC4) * ux * Lw[5] + A(kC4) * uy * Lw[6];
-  if (NORM) {
-    // u = n / (r + eps): du/dn = I/d - n n^T / (d^2 r); at r = 0 the second term is taken as 0.
-    const A proj = (gx * x + gy * y + gz * z) * inv_d * inv_d * inv_r;
-    IO::store(gn, i, gx * inv_d - x * proj);
-    IO::store(gn, i + plane, gy * inv_d - y * proj);
-    IO::store(gn, i + 2 * plane, gz * inv_d - z * proj);
-  } else {
-    IO::store(gn, i, gx);
-    IO::store(gn, i + plane, gy);
-    IO::store(gn, i + 2 * plane, gz);
-  }
+  A g[3];
+  sh_basis_grad(u[0], u[1], u[2], Lw, g);
+  if (NORM) unnormalize_grad(x, y, z, inv_d, inv_r, g);
+  IO::store(gn, i, g[0]);
+  IO::store(gn, i + plane, g[1]);
+  IO::store(gn, i + 2 * plane, g[2]);
 }
 
 // Backward over one row; writes the row's 27 light-gradient partial sums to light_partial.
@@ -241,51 +213,52 @@ static void backward_row(const T* __restrict n, const T* __restrict res, const T
   }
 }
 
+// Calls row(b, r, off) for each of the B*H image rows: b the image, r the row's index, off
+// the offset of its first pixel in channel 0. OpenMP threads split the rows (statically, so
+// each row's light partial sums are the same for any thread count).
+template <typename Row>
+static void for_each_row(const sfs::Problem& p, const Row& row) {
+  const int64_t plane = p.H * p.W, rows = p.B * p.H;
+#pragma omp parallel for schedule(static) if (rows * p.W >= kParallelGrain)
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t b = r / p.H, y = r % p.H;
+    row(b, r, b * 3 * plane + y * p.W);
+  }
+}
 
 template <typename T, bool RES, bool ALB, bool NORM>
 static void forward_all(const sfs::Problem& p) {
   using A = typename Io<T>::Acc;
-  const int64_t plane = p.H * p.W, rows = p.B * p.H;
-  const T* n = static_cast<const T*>(p.normal);
-  const T* res = static_cast<const T*>(p.residue);
+  const int64_t plane = p.H * p.W;
+  const T *n = static_cast<const T*>(p.normal), *res = static_cast<const T*>(p.residue);
   const T* alb = static_cast<const T*>(p.albedo);
+  T *sh = static_cast<T*>(p.shading), *rc = static_cast<T*>(p.recon);
   const A* L = static_cast<const A*>(p.light);
-  T* sh = static_cast<T*>(p.shading);
-  T* rc = static_cast<T*>(p.recon);
   const A beta = (A)p.beta;
-#pragma omp parallel for schedule(static) if (rows * p.W >= kParallelGrain)
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t b = r / p.H, y = r % p.H;
-    const int64_t off = b * 3 * plane + y * p.W;
+  for_each_row(p, [&](int64_t b, int64_t, int64_t off) {
     forward_row<T, RES, ALB, NORM>(n + off, RES ? res + off : nullptr, ALB ? alb + off : nullptr, L + 27 * b, beta,
                                    sh + off, ALB ? rc + off : nullptr, p.W, plane);
-  }
+  });
 }
 
 template <typename T, bool RES, bool ALB, bool NORM>
 static void backward_all(const sfs::Problem& p) {
   using A = typename Io<T>::Acc;
-  const int64_t plane = p.H * p.W, rows = p.B * p.H;
-  const T* n = static_cast<const T*>(p.normal);
-  const T* res = static_cast<const T*>(p.residue);
-  const T* alb = static_cast<const T*>(p.albedo);
-  const T* gs = static_cast<const T*>(p.grad_shading);
+  const int64_t plane = p.H * p.W;
+  const T *n = static_cast<const T*>(p.normal), *res = static_cast<const T*>(p.residue);
+  const T *alb = static_cast<const T*>(p.albedo), *gs = static_cast<const T*>(p.grad_shading);
   const T* gr = static_cast<const T*>(p.grad_recon);
-  const A* L = static_cast<const A*>(p.light);
-  T* gn = static_cast<T*>(p.grad_normal);
-  T* gres = static_cast<T*>(p.grad_residue);
+  T *gn = static_cast<T*>(p.grad_normal), *gres = static_cast<T*>(p.grad_residue);
   T* galb = static_cast<T*>(p.grad_albedo);
+  const A* L = static_cast<const A*>(p.light);
   A* partial = static_cast<A*>(p.light_partial);
   const A beta = (A)p.beta;
-#pragma omp parallel for schedule(static) if (rows * p.W >= kParallelGrain)
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t b = r / p.H, y = r % p.H;
-    const int64_t off = b * 3 * plane + y * p.W;
+  for_each_row(p, [&](int64_t b, int64_t r, int64_t off) {
     backward_row<T, RES, ALB, NORM>(n + off, RES ? res + off : nullptr, ALB ? alb + off : nullptr, gs + off,
                                     ALB ? gr + off : nullptr, L + 27 * b, beta, gn + off,
                                     RES ? gres + off : nullptr, ALB ? galb + off : nullptr, partial + 27 * r,
                                     p.W, plane);
-  }
+  });
 }
 
 #define SFS_DISPATCH_FLAGS(FN, T, p)                                  \
@@ -298,25 +271,20 @@ static void backward_all(const sfs::Problem& p) {
     else              { if ((p).normalize) FN<T, false, false, true>(p); else FN<T, false, false, false>(p); }  \
   } while (0)
 
+// dtype codes shared with the Python side (kernels/_launch.py DTYPE_CODES):
+// 0 float32, 1 float64, 2 float16, 3 bfloat16.
+#define SFS_DISPATCH(FN, p, dtype)                                    \
+  switch (dtype) {                                                    \
+    case 0: SFS_DISPATCH_FLAGS(FN, float, p); break;                  \
+    case 1: SFS_DISPATCH_FLAGS(FN, double, p); break;                 \
+    case 2: SFS_DISPATCH_FLAGS(FN, Half, p); break;                   \
+    default: SFS_DISPATCH_FLAGS(FN, BFloat16, p); break;              \
+  }
+
 }  // namespace
 
 #ifndef SFS_KERNELS_ONLY  // (a vectorization report compiles just the templates)
-// dtype codes shared with the Python side: 0 float32, 1 float64, 2 float16, 3 bfloat16.
-void SFS_ENTRY(forward)(const sfs::Problem& p, int dtype) {
-  switch (dtype) {
-    case 0: SFS_DISPATCH_FLAGS(forward_all, float, p); break;
-    case 1: SFS_DISPATCH_FLAGS(forward_all, double, p); break;
-    case 2: SFS_DISPATCH_FLAGS(forward_all, Half, p); break;
-    default: SFS_DISPATCH_FLAGS(forward_all, BFloat16, p); break;
-  }
-}
+void SFS_ENTRY(forward)(const sfs::Problem& p, int dtype) { SFS_DISPATCH(forward_all, p, dtype) }
 
-void SFS_ENTRY(backward)(const sfs::Problem& p, int dtype) {
-  switch (dtype) {
-    case 0: SFS_DISPATCH_FLAGS(backward_all, float, p); break;
-    case 1: SFS_DISPATCH_FLAGS(backward_all, double, p); break;
-    case 2: SFS_DISPATCH_FLAGS(backward_all, Half, p); break;
-    default: SFS_DISPATCH_FLAGS(backward_all, BFloat16, p); break;
-  }
-}
+void SFS_ENTRY(backward)(const sfs::Problem& p, int dtype) { SFS_DISPATCH(backward_all, p, dtype) }
 #endif  // SFS_KERNELS_ONLY

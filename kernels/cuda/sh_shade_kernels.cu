@@ -18,12 +18,8 @@ namespace {
 constexpr int kBlockW = 32;
 constexpr int kBlockH = 8;
 constexpr int kThreads = kBlockW * kBlockH;
-constexpr double kC1 = 0.886226925452758;
-constexpr double kC2 = 1.0233267079464883;
-constexpr double kC3 = 0.24770795610037571;
-constexpr double kC4 = 0.8580855308097834;
-constexpr double kC5 = 0.4290427654048917;
-constexpr double kEps = 1e-8;
+
+#include "../csrc/sh_basis.h"  // constants and basis, shared with the C++ kernels
 
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
@@ -41,27 +37,25 @@ template <> __device__ __forceinline__ void st<__nv_bfloat16, float>(__nv_bfloat
   p[i] = __float2bfloat16_rn(v);
 }
 
+// Unit normal u and its 9 basis values; inv_d = 1/(|n|+eps), inv_r = 1/|n| (1 and 0 without
+// normalization, where u = n).
 template <typename A>
 __device__ __forceinline__ void unit_basis(A x, A y, A z, bool normalize, A* u, A* Y, A* inv_d, A* inv_r) {
   if (normalize) {
-    const A r = sqrt(x * x + y * y + z * z);
-    *inv_d = A(1) / (r + A(kEps));
-    *inv_r = r > A(0) ? A(1) / r : A(0);
+    unit_scales(x, y, z, inv_d, inv_r);
   } else {
     *inv_d = A(1);
     *inv_r = A(0);
   }
   x *= *inv_d; y *= *inv_d; z *= *inv_d;
   u[0] = x; u[1] = y; u[2] = z;
-  Y[0] = A(kC1);
-  Y[1] = A(kC2) * z;
-  Y[2] = A(kC2) * x;
-  Y[3] = A(kC2) * y;
-  Y[4] = A(kC3) * (A(2) * z * z - x * x - y * y);
-  Y[5] = A(kC4) * x * z;
-  Y[6] = A(kC4) * y * z;
-  Y[7] = A(kC5) * (x * x - y * y);
-  Y[8] = A(kC4) * x * y;
+  sh_basis(x, y, z, Y);
+}
+
+// Tiles of kBlockH x kBlockW pixels covering one H x W image: the grid's first axis, and the
+// second axis of the backward's partial[B, tiles, 27].
+__host__ __device__ __forceinline__ int64_t tile_count(int64_t H, int64_t W) {
+  return ((H + kBlockH - 1) / kBlockH) * ((W + kBlockW - 1) / kBlockW);
 }
 
 // Pixel of this thread: returns false outside the image. off = offset of channel 0.
@@ -88,10 +82,8 @@ __global__ void __launch_bounds__(kThreads) forward_kernel(
   const A* L = light + 27 * static_cast<int64_t>(blockIdx.y);
   for (int c = 0; c < 3; ++c) {
     const int64_t j = off + c * plane;
-    A s = A(0);
-    for (int k = 0; k < 9; ++k) s += L[9 * c + k] * Y[k];
     const A rc = residue ? ld(residue, j) : A(0);
-    s += rc;
+    const A s = sh_dot9(L + 9 * c, Y) + rc;
     st(shading, j, s);
     if (albedo) st(recon, j, s * (ld(albedo, j) - beta * rc));
   }
@@ -127,10 +119,8 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
       const int64_t j = off + c * plane;
       A g = ld(grad_shading, j);
       if (albedo) {
-        A s = A(0);
-        for (int k = 0; k < 9; ++k) s += L[9 * c + k] * Y[k];
         const A rc = residue ? ld(residue, j) : A(0);
-        s += rc;
+        const A s = sh_dot9(L + 9 * c, Y) + rc;
         const A grc = ld(grad_recon, j);
         g += grc * (ld(albedo, j) - beta * rc);
         st(grad_albedo, j, grc * s);
@@ -143,20 +133,12 @@ __global__ void __launch_bounds__(kThreads) backward_kernel(
         Lw[k] += g * L[9 * c + k];
       }
     }
-    const A ux = u[0], uy = u[1], uz = u[2];
-    A gx = A(kC2) * Lw[2] - A(2 * kC3) * ux * Lw[4] + A(kC4) * uz * Lw[5] + A(2 * kC5) * ux * Lw[7] + A(kC4) * uy * Lw[8];
-    A gy = A(kC2) * Lw[3] - A(2 * kC3) * uy * Lw[4] + A(kC4) * uz * Lw[6] - A(2 * kC5) * uy * Lw[7] + A(kC4) * ux * Lw[8];
-    A gz = A(kC2) * Lw[1] + A(4 * kC3) * uz * Lw[4] + A(kC4) * ux * Lw[5] + A(kC4) * uy * Lw[6];
-    if (normalize) {
-      // u = n / (|n| + eps): du/dn = I/d - n n^T / (d^2 |n|); the second term is 0 at n = 0.
-      const A proj = (gx * x + gy * y + gz * z) * inv_d * inv_d * inv_r;
-      gx = gx * inv_d - x * proj;
-      gy = gy * inv_d - y * proj;
-      gz = gz * inv_d - z * proj;
-    }
-    st(grad_normal, off, gx);
-    st(grad_normal, off + plane, gy);
-    st(grad_normal, off + 2 * plane, gz);
+    A g[3];
+    sh_basis_grad(u[0], u[1], u[2], Lw, g);
+    if (normalize) unnormalize_grad(x, y, z, inv_d, inv_r, g);
+    st(grad_normal, off, g[0]);
+    st(grad_normal, off + plane, g[1]);
+    st(grad_normal, off + 2 * plane, g[2]);
   }
   const int tid = threadIdx.y * kBlockW + threadIdx.x;
   const int warp = tid / 32, lane = tid % 32;
@@ -177,8 +159,7 @@ int launch_forward(int64_t B, int64_t H, int64_t W, const void* normal, const vo
                    const void* albedo, double beta, bool normalize, void* shading, void* recon, cudaStream_t stream) {
   using A = typename Acc<T>::type;
   const dim3 block(kBlockW, kBlockH);
-  const dim3 grid(static_cast<unsigned>(((H + kBlockH - 1) / kBlockH) * ((W + kBlockW - 1) / kBlockW)),
-                  static_cast<unsigned>(B));
+  const dim3 grid(static_cast<unsigned>(tile_count(H, W)), static_cast<unsigned>(B));
   forward_kernel<T><<<grid, block, 0, stream>>>(
       static_cast<const T*>(normal), static_cast<const A*>(light), static_cast<const T*>(residue),
       static_cast<const T*>(albedo), static_cast<T*>(shading), static_cast<T*>(recon), H, W, static_cast<A>(beta),
@@ -192,8 +173,7 @@ int launch_backward(int64_t B, int64_t H, int64_t W, const void* normal, const v
                     void* grad_normal, void* grad_residue, void* grad_albedo, void* partial, cudaStream_t stream) {
   using A = typename Acc<T>::type;
   const dim3 block(kBlockW, kBlockH);
-  const dim3 grid(static_cast<unsigned>(((H + kBlockH - 1) / kBlockH) * ((W + kBlockW - 1) / kBlockW)),
-                  static_cast<unsigned>(B));
+  const dim3 grid(static_cast<unsigned>(tile_count(H, W)), static_cast<unsigned>(B));
   backward_kernel<T><<<grid, block, 0, stream>>>(
       static_cast<const T*>(normal), static_cast<const A*>(light), static_cast<const T*>(residue),
       static_cast<const T*>(albedo), static_cast<const T*>(grad_shading), static_cast<const T*>(grad_recon),
@@ -204,7 +184,8 @@ int launch_backward(int64_t B, int64_t H, int64_t W, const void* normal, const v
 
 }  // namespace
 
-// Entry points for the binding (kernels/cuda/sh_shade_binding.cpp). Return a cudaError_t code.
+// Entry points for the binding (kernels/cuda/sh_shade_binding.cpp). Launches return a cudaError_t
+// code; the backward's partial must hold B * tile_count(H, W) * 27 values (the binding checks).
 int sfs_cuda_forward(int dtype, int64_t B, int64_t H, int64_t W, const void* normal, const void* light,
                      const void* residue, const void* albedo, double beta, bool normalize, void* shading, void* recon,
                      void* stream) {
@@ -236,3 +217,12 @@ int sfs_cuda_backward(int dtype, int64_t B, int64_t H, int64_t W, const void* no
 }
 
 const char* sfs_cuda_error_string(int code) { return cudaGetErrorString(static_cast<cudaError_t>(code)); }
+
+// The tile of one thread block: the launcher sizes the backward's partial[B, tiles, 27] from it
+// (a launcher with its own idea of the tile would under-size the buffer and the kernel would
+// write past its end).
+void sfs_cuda_tile_geometry(int* block_h, int* block_w) {
+  *block_h = kBlockH;
+  *block_w = kBlockW;
+}
+

@@ -1,8 +1,11 @@
-"""What every command shares: one clear error line, exit codes, ``--debug``."""
+"""What every command shares: one clear error line, exit codes, ``--debug``, the Decomposer
+that the model flags ask for."""
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
+from pathlib import Path
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # bad input or a failure before any work was done
@@ -36,3 +39,24 @@ def run_command(prog: str, func, args) -> int:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(f"{prog}: error: {message}", file=sys.stderr)
         return getattr(exc, "code", EXIT_ERROR) if isinstance(exc, CommandError) else EXIT_ERROR
+
+
+def make_decomposer(args, prog: str):
+    """The Decomposer that ``args`` (``--method --weights --onnx --backend --precision
+    --device --threads``) ask for; its notes (random weights, emulated precision) are printed
+    as ``PROG: note: ...`` lines, its warnings not repeated."""
+    from sfs_fast.decomposer import Decomposer
+
+    precision = getattr(args, "precision", None)
+    backend = args.backend or ("onnx" if args.onnx or precision == "int8" else None if precision == "auto" else "fused")
+    if args.onnx and backend != "onnx":
+        raise CommandError("--onnx needs --backend onnx (or no --backend)")
+    if args.onnx and not Path(args.onnx).is_file():
+        raise CommandError(f"{args.onnx}: no such ONNX file")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the Decomposer's notes say the same, once, below
+        dec = Decomposer(method=args.method, weights=args.weights, onnx=args.onnx, backend=backend,
+                         device=args.device, threads=args.threads, precision=precision)
+    for text in getattr(dec, "notes", []):
+        print(f"{prog}: note: {text}", file=sys.stderr)
+    return dec

@@ -8,7 +8,8 @@ import json
 import sys
 from pathlib import Path
 
-from sfs_fast.cli.common import EXIT_OK, EXIT_PARTIAL, CommandError, add_debug_flag, run_command
+from sfs_fast.cli.common import EXIT_OK, EXIT_PARTIAL, CommandError, add_debug_flag, make_decomposer, run_command
+from sfs_fast.pipeline import Crop
 
 PROG = "sfs-interpolate"
 
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", metavar="OUT", help="output folder")
     p.add_argument("--method", default=None, help="method id 0-7 or slug (default: the checkpoint's, else 0)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--weights", metavar="CKPT", default=None, help="checkpoint (default: bundled demo weights)")
+    src.add_argument("--weights", metavar="CKPT", default=None, help="checkpoint or registered name such as sfsnet (see sfs-weights list); "
+                                                                            "default: as sfs-decompose")
     src.add_argument("--onnx", metavar="FILE", default=None, help="an exported .onnx model (implies --backend onnx)")
     p.add_argument("--backend", choices=["eager", "fused", "compile", "onnx"], default=None,
                    help="inference backend (default: fused; onnx with --onnx)")
@@ -71,18 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _decompose_all(dec, tensors, batch_size):
-    import numpy as np
-    import torch
-
-    outs = []
-    for start in range(0, len(tensors), batch_size):
-        x = torch.from_numpy(np.stack(tensors[start:start + batch_size]))
-        batch = dec.decompose(x)
-        outs += [{k: v[i] for k, v in batch.items()} for i in range(x.shape[0])]
-    return outs
-
-
 def relight_strip(normal, albedo, light_a, light_b, steps: int):
     """Render ``steps`` frames of unit ``normal`` and ``albedo`` ``[3,H,W]`` under lights
     blended linearly from ``light_a`` to ``light_b`` ``[27]``.
@@ -102,19 +92,70 @@ def relight_strip(normal, albedo, light_a, light_b, steps: int):
     return shading, recon
 
 
-def interpolate(args) -> int:
-    import numpy as np
+def read_pictures(args) -> tuple[list, int]:
+    """The pictures of IN prepared as sfs-decompose prepares them; failures are reported on
+    stderr. Returns ``(pictures with one crop each, number failed)``."""
+    from sfs_fast import pipeline
 
+    items = pipeline.discover(Path(args.input), Path(args.output), recursive=args.recursive)
+    if not items:
+        raise CommandError(f"{args.input}: no pictures found")
+    options = pipeline.FolderOptions(fit=args.fit)
+    good, failed = [], 0
+    for item in items:
+        item.mask = None  # the dumps are unmasked, as in the original interpolate.py
+        picture = pipeline.prepare_picture(item, options)
+        if picture.crops:
+            good.append(picture)
+        else:
+            print(f"{PROG}: failed {item.path}: {picture.error}", file=sys.stderr)
+            failed += 1
+    if not good:
+        raise CommandError("no picture could be read")
+    return good, failed
+
+
+def dump_images(face, o: dict, residue_method: bool) -> dict:
+    """The original interpolate.py's pictures of one decomposition: kind -> uint8 RGB."""
     from sfs_fast import images
-    from sfs_fast.cli.decompose import _make_decomposer, collect_inputs
+
+    dump = {
+        "face": images.unit_to_rgb(face),
+        "normal": images.normal_to_rgb(o["normal"]),
+        "albedo": images.unit_to_rgb(o["albedo"]),
+        "shading": images.shading_to_rgb(o["sh_shading"] if residue_method else o["shading"]),
+        "recon": images.unit_to_rgb(o["recon"]),
+    }
+    if "corrected_shading" in o:
+        dump["corrected_shading"] = images.shading_to_rgb(o["corrected_shading"])
+    if residue_method:
+        dump["residual"] = images.residue_to_rgb(o["residue"])
+        dump["updated-shading"] = images.shading_to_rgb(o["shading"])
+    if "updated_albedo" in o:
+        dump["updated-albedo"] = images.unit_to_rgb(o["updated_albedo"])
+    return dump
+
+
+def strip_image(o: dict, light_b, steps: int):
+    """The relighting strip of one decomposition towards ``light_b``: uint8 RGB."""
+    from sfs_fast import images
+
+    shading, recon = relight_strip(o["normal"], o["albedo"], o["light"], light_b, steps)
+    scale = float(shading.max())
+    rows = [[images.shading_to_rgb(s, scale=scale) for s in shading.numpy()],
+            [images.unit_to_rgb(r) for r in recon.numpy()]]
+    return images.grid(rows)
+
+
+def interpolate(args) -> int:
+    from sfs_fast import images
+    from sfs_fast.pipeline import decompose_crops
     from sfs_fast.sh import format_light, read_light
 
     if args.steps < 2:
         raise CommandError("--steps must be at least 2")
     out_dir = Path(args.output)
-    items = collect_inputs(Path(args.input), out_dir, recursive=args.recursive, masks_dir=None)
-    if not items:
-        raise CommandError(f"{args.input}: no pictures found")
+    pictures, failed = read_pictures(args)
     target_light = read_light(args.light) if args.light else None
     target_image = None
     if args.target:
@@ -123,68 +164,35 @@ def interpolate(args) -> int:
         except images.ImageError as exc:
             raise CommandError(f"--target {args.target}: {exc}") from None
 
-    dec = _make_decomposer(args, PROG)
+    dec = make_decomposer(args, PROG)
     has_light = "light" in dec.output_names
     strips = not args.no_strips
     if strips and not has_light:
         print(f"{PROG}: note: method {dec.method} predicts no SH light; writing dumps only", file=sys.stderr)
         strips = False
     out_dir.mkdir(parents=True, exist_ok=True)
-
-    good, tensors, failed = [], [], 0
-    for item in items:
-        try:
-            img, _, _ = images.load_image(item.path, fit=args.fit)
-        except images.ImageError as exc:
-            print(f"{PROG}: failed {item.path}: {exc}", file=sys.stderr)
-            failed += 1
-            continue
-        good.append(item)
-        tensors.append(img)
-    if not good:
-        raise CommandError("no picture could be read")
-    outs = _decompose_all(dec, tensors, args.batch_size)
+    crops = [p.crops[0] for p in pictures]
+    outs = decompose_crops(crops, dec, args.batch_size)
     if target_image is not None:
-        target_light = _decompose_all(dec, [target_image], 1)[0]["light"].numpy()
+        target_light = decompose_crops([Crop(target_image, "target")], dec)[0]["light"]
 
-    lines = []
     residue_method = "residue" in dec.output_names
-    for i, (item, face, out) in enumerate(zip(good, tensors, outs)):
-        o = {k: v.numpy() for k, v in out.items()}
-        lines.append(f"{i}\t{item.path}\n")
-        dump = {
-            "face": images.unit_to_rgb(face),
-            "normal": images.normal_to_rgb(o["normal"]),
-            "albedo": images.unit_to_rgb(o["albedo"]),
-            "shading": images.shading_to_rgb(o["sh_shading"] if residue_method else o["shading"]),
-            "recon": images.unit_to_rgb(o["recon"]),
-        }
-        if "corrected_shading" in o:
-            dump["corrected_shading"] = images.shading_to_rgb(o["corrected_shading"])
-        if residue_method:
-            dump["residual"] = images.residue_to_rgb(o["residue"])
-            dump["updated-shading"] = images.shading_to_rgb(o["shading"])
-        if "updated_albedo" in o:
-            dump["updated-albedo"] = images.unit_to_rgb(o["updated_albedo"])
-        for kind, rgb in dump.items():
+    for i, (crop, o) in enumerate(zip(crops, outs)):
+        for kind, rgb in dump_images(crop.image, o, residue_method).items():
             images.save_png(out_dir / f"{i}_{kind}.png", rgb)
         if has_light:
             images.save_text(out_dir / f"{i}_light.txt", format_light(o["light"]))
         if strips:
-            light_b = target_light if target_light is not None else outs[(i + 1) % len(outs)]["light"].numpy()
-            shading, recon = relight_strip(o["normal"], o["albedo"], o["light"], light_b, args.steps)
-            scale = float(shading.max())
-            rows = [[images.shading_to_rgb(s, scale=scale) for s in shading.numpy()],
-                    [images.unit_to_rgb(r) for r in recon.numpy()]]
-            images.save_png(out_dir / f"{i}_relight.png", images.grid(rows))
-    images.save_text(out_dir / "inputs.txt", "".join(lines))
+            light_b = target_light if target_light is not None else outs[(i + 1) % len(outs)]["light"]
+            images.save_png(out_dir / f"{i}_relight.png", strip_image(o, light_b, args.steps))
+    images.save_text(out_dir / "inputs.txt", "".join(f"{i}\t{p.item.path}\n" for i, p in enumerate(pictures)))
 
-    summary = {"ok": len(good), "failed": failed, "method": dec.method, "strips": strips,
+    summary = {"ok": len(pictures), "failed": failed, "method": dec.method, "strips": strips,
                "steps": args.steps, "output": str(out_dir)}
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"{PROG}: {len(good)} pictures dumped{' with strips' if strips else ''}, {failed} failed; "
+        print(f"{PROG}: {len(pictures)} pictures dumped{' with strips' if strips else ''}, {failed} failed; "
               f"output in {out_dir}", file=sys.stderr)
     return EXIT_OK if failed == 0 else EXIT_PARTIAL
 
