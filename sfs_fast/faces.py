@@ -650,22 +650,10 @@ def preset_light(name: str, *, like=None, ambient: float = PRESET_AMBIENT,
 
 def read_any_light(path) -> np.ndarray:
     """A light file: 27 values (SfSNet: R|G|B blocks, SfSNet order) or 9 values (DPR: one
-    grey light in the DPR/shtools order, reordered and used for R, G and B). Returns
-    float64 ``[27]``; a file of any other length raises ValueError with one line."""
-    text = Path(path).read_text()
-    try:
-        values = np.array([float(t) for t in text.replace(",", " ").split()], np.float64)
-    except ValueError:
-        raise ValueError(f"{path}: not a light file (expected 27 or 9 numbers)") from None
-    if not np.all(np.isfinite(values)):
-        raise ValueError(f"{path}: light values must be finite")
-    if values.size == sh.N_LIGHT:
-        return sh.read_light(path)
-    if values.size == sh.N_COEFFS:
-        # TODO: use sh.py's DPR file reader once it has one (the reorder and the grey
-        # expansion already are sh.py's)
-        return sh.grey_light(sh.dpr_to_sfsnet(values))
-    raise ValueError(f"{path}: expected 27 (SfSNet) or 9 (DPR) light values, found {values.size}")
+    grey light in DPR's order and frame), read by :func:`sfs_fast.sh.read_light` (which
+    converts DPR's with the frame, not only the order). Returns float64 ``[27]``; any other
+    content raises ValueError with one line."""
+    return sh.read_light(path)
 
 
 def resolve_light(spec: str, *, like=None) -> np.ndarray:
