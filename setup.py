@@ -120,6 +120,7 @@ setup(
             "sfs-convert=sfs_fast.cli.convert:main",
             "sfs-weights=sfs_fast.cli.weights:main",
             "sfs-decompose=sfs_fast.cli.decompose:main",
+            "sfs-relight=sfs_fast.cli.relight:main",
             "sfs-interpolate=sfs_fast.cli.interpolate:main",
             "sfs-export=sfs_fast.export.cli:main",
             "sfs-bench=sfs_fast.bench.cli:main",

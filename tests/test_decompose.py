@@ -18,6 +18,9 @@ from sfs_fast.cli.common import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL
 from pictures import face_like, make_mixed_folder
 
 PNG_OUT = ("normal", "albedo", "shading", "recon")  # method 0: no residue
+# The pictures here are synthetic and face-like, not photos of faces: they test the
+# whole-picture path (--faces off); faces in photos are tests/test_face_folder.py's.
+WHOLE = ("--faces", "off")
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +75,7 @@ def _snapshot(out: Path) -> dict:
 
 def test_mixed_folder_partial_failure_then_rerun(mixed, checkpoint, capsys):
     src, out, good, bad = mixed
-    argv = [str(src), str(out), "--weights", checkpoint, "-r", "--batch-size", "4", "--workers", "2", "--json",
+    argv = [str(src), str(out), "--weights", checkpoint, *WHOLE, "-r", "--batch-size", "4", "--workers", "2", "--json",
             "--grid"]
     code = cli.main(argv)
     captured = capsys.readouterr()
@@ -125,7 +128,7 @@ def test_mixed_folder_partial_failure_then_rerun(mixed, checkpoint, capsys):
     assert all(manifest[rel]["status"] == "skipped" and manifest[rel]["crop"] for rel in good)
 
     # --overwrite redoes one sub-folder's worth (single-file IN)
-    code = cli.main([str(src / "sub" / "nested.jpg"), str(out / "sub"), "--weights", checkpoint, "--overwrite",
+    code = cli.main([str(src / "sub" / "nested.jpg"), str(out / "sub"), "--weights", checkpoint, *WHOLE, "--overwrite",
                      "--json"])
     assert code == EXIT_OK
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["ok"] == 1
@@ -140,7 +143,7 @@ def test_list_file_and_masks_dir(tmp_path, checkpoint, capsys):
     mask[:, 64:] = 255
     Image.fromarray(mask).save(tmp_path / "m" / "p1.png")  # matched by stem
     (tmp_path / "list.txt").write_text("# inputs\npics/p0.png\n\npics/p1.png\npics/missing.png\n")
-    code = cli.main([str(tmp_path / "list.txt"), str(tmp_path / "out"), "--weights", checkpoint,
+    code = cli.main([str(tmp_path / "list.txt"), str(tmp_path / "out"), "--weights", checkpoint, *WHOLE,
                      "--masks", str(tmp_path / "m"), "--formats", "png,npy", "--fit", "pad"])
     err = capsys.readouterr().err
     assert code == EXIT_PARTIAL
@@ -197,7 +200,7 @@ def test_killed_run_leaves_no_half_files(tmp_path, checkpoint):
     for k in range(n):
         Image.fromarray(face_like(128, 128, k)).save(src / f"f{k:02d}.png")
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "sfs_fast.cli.decompose", str(src), str(out), "--weights", checkpoint,
+    cmd = [sys.executable, "-m", "sfs_fast.cli.decompose", str(src), str(out), "--weights", checkpoint, *WHOLE,
            "--batch-size", "2", "--workers", "1", "--threads", "1", "--formats", "png,npy"]  # npy: more files to cut
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -268,7 +271,7 @@ def test_backends_agree_on_float_outputs(tmp_path, checkpoint, capsys):
 
     def run(name):
         out = tmp_path / name
-        assert cli.main([str(src), str(out), "--weights", checkpoint, "--backend", name, "--formats", "npy",
+        assert cli.main([str(src), str(out), "--weights", checkpoint, *WHOLE, "--backend", name, "--formats", "npy",
                          "--batch-size", "2"]) == EXIT_OK
         return out
 

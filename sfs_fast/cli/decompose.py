@@ -34,6 +34,19 @@ square of side min(W,H) by default (--fit pad pads them with black to side max(W
 instead); the square is resized to 128x128. The square's box (left, top, right, bottom) in
 the upright picture's pixels is kept in the manifest as "crop".
 
+Faces (--faces, default auto): "detect" finds every face (YuNet, OpenCV), aligns each to
+the SfSNet crop framing with a similarity transform from its 5 landmarks and decomposes it
+as STEM_face<k> (k = 0 for the largest face), masked by the user's mask warped with the face
+or else by a template face mask; "off" uses the whole picture as described above; "auto"
+uses the whole picture when it already is a tight face crop and detects otherwise. A
+picture is taken as a crop when its long side is at most 256 px, it is square within 10%,
+and YuNet finds either no face or one face whose alignment is close to identity on the
+picture resized to 128 (scale 0.7-1.4, rotation within 15 degrees, landmarks' centre within
+20 px of the template's); so the bundled examples/faces give exactly what --faces off
+gives. A picture in which no face is found fails with the reason "no face found".
+--paste writes the reconstruction and the shading blended back into the full-resolution
+photo through each face's feathered mask (pixels outside the masks are the photo's).
+
 Masks: --masks DIR matches masks by relative path or stem (STEM.* or STEM_mask.*); without
 it, NAME_mask.* beside the picture is used (and, for SfSNet's NAME_face.png, NAME_mask.*).
 A mask gets the same crop and resize as its picture and multiplies the picture outputs
@@ -51,8 +64,13 @@ outputs (the input tree is mirrored under OUT):
   STEM_light.txt     27 SH coefficients, R|G|B blocks of 9, one tab-separated line
                      (the SfSNet light-file format; none for method 2)
   STEM_NAME.npy      with --formats png,npy: every float output of the model, unmasked
+  STEM_face<k>_*     the same files per detected face k (--faces detect, or auto on a photo)
+  STEM_paste_recon.png, STEM_paste_shading.png
+                     with --paste: the reconstruction / shading pasted into the photo
   manifest.jsonl     one JSON line per input: status ok/skipped/failed, reason, crop,
-                     timings, outputs
+                     timings, outputs; with faces: size, faces (mode, count), and per face
+                     under "crops": box, landmarks, score, transform, inverse, scale,
+                     rotation_deg
   grids/             with --grid: a contact sheet per batch (face, normal, albedo,
                      shading, [residue], recon per row)
 
@@ -113,8 +131,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=float, default=None,
                    help="refuse pictures with more pixels than this (default: 100e6)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+    add_face_arguments(p)
     add_debug_flag(p)
     return p
+
+
+def add_face_arguments(p: argparse.ArgumentParser, paste: bool = True) -> None:
+    """``--faces --max-faces --min-face-size`` (and ``--paste``), shared with sfs-relight."""
+    g = p.add_argument_group("faces")
+    g.add_argument("--faces", choices=("auto", "detect", "off"), default="auto",
+                   help="auto (default): detect faces unless the picture already is a tight face crop; "
+                        "detect: always; off: the whole picture as one crop")
+    g.add_argument("--max-faces", type=int, default=None, help="at most this many faces per picture, largest first")
+    g.add_argument("--min-face-size", type=float, default=0.0,
+                   help="ignore faces whose box is smaller than this many pixels (longer side; default 0)")
+    if paste:
+        g.add_argument("--paste", action="store_true",
+                       help="also write STEM_paste_recon.png and STEM_paste_shading.png: the results "
+                            "blended back into the full-resolution photo")
+
+
+def face_options_from(args):
+    """The :class:`~sfs_fast.face_folder.FaceOptions` of ``args``; a one-line error for bad values."""
+    if args.max_faces is not None and args.max_faces < 1:
+        raise CommandError("--max-faces must be at least 1")
+    if args.min_face_size < 0:
+        raise CommandError("--min-face-size must be >= 0")
+    try:
+        from sfs_fast.face_folder import FaceOptions
+        import cv2  # noqa: F401 - only to fail here, before the model loads
+    except ImportError:
+        if args.faces == "off" and not getattr(args, "paste", False):
+            return None
+        from sfs_fast.faces import FACES_EXTRA_HINT
+
+        raise CommandError(f"--faces {args.faces}: {FACES_EXTRA_HINT} (or use --faces off)") from None
+    return FaceOptions(args.faces, args.max_faces, args.min_face_size, getattr(args, "paste", False))
+
+
+def face_hooks(args, out_dir: Path) -> dict:
+    """``prepare``/``finish`` for decompose_folder: none with --faces off and no --paste (the
+    default preparer, whose resume also knows outputs without a manifest line)."""
+    face_options = face_options_from(args)
+    if face_options is None or (face_options.mode == "off" and not face_options.paste):
+        return {}
+    from sfs_fast.face_folder import face_preparer, paste_finisher
+
+    hooks = {"prepare": face_preparer(face_options, keep_photo=face_options.paste)}
+    if face_options.paste:
+        hooks["finish"] = paste_finisher(out_dir)
+    return hooks
 
 
 def parse_formats(text: str) -> tuple:
@@ -128,9 +194,10 @@ def parse_formats(text: str) -> tuple:
 class ProgressBar:
     """The run's progress hook: a tqdm bar on a terminal, one stderr line per failed input."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, prog: str = PROG):
         from tqdm import tqdm
 
+        self.prog = prog
         self.on_terminal = sys.stderr.isatty()
         self.bar = tqdm(total=total, unit="img", disable=not self.on_terminal, file=sys.stderr, dynamic_ncols=True)
 
@@ -143,13 +210,13 @@ class ProgressBar:
     def __call__(self, row: dict) -> None:
         self.bar.update(1)
         if row["status"] == "failed":
-            self.say(f"{PROG}: failed {row['path']}: {row['reason']}")
+            self.say(f"{self.prog}: failed {row['path']}: {row['reason']}")
 
     def close(self) -> None:
         self.bar.close()
 
 
-def print_summary(summary: Summary, load_s: float, as_json: bool) -> None:
+def print_summary(summary: Summary, load_s: float, as_json: bool, prog: str = PROG) -> None:
     """The last line of a run: JSON on stdout, or one sentence on stderr."""
     data = {**summary.to_dict(), "load_s": round(load_s, 3)}
     stopped = (f"interrupted by {summary.interrupted} ({summary.remaining} inputs left for a rerun); "
@@ -157,11 +224,11 @@ def print_summary(summary: Summary, load_s: float, as_json: bool) -> None:
     if as_json:
         print(json.dumps(data))
         if stopped:  # a stopped run says so where people look, whatever the format
-            print(f"{PROG}: {stopped.rstrip('; ')}", file=sys.stderr)
+            print(f"{prog}: {stopped.rstrip('; ')}", file=sys.stderr)
         return
     wall, ok = data["wall_s"], summary.ok
     rate = f", {data['images_per_s']:.1f} images/s" if ok and data["images_per_s"] else ""
-    print(f"{PROG}: {stopped}{ok} ok, {summary.skipped} skipped, {summary.failed} failed in {wall:.1f} s{rate} "
+    print(f"{prog}: {stopped}{ok} ok, {summary.skipped} skipped, {summary.failed} failed in {wall:.1f} s{rate} "
           f"({data['backend']} {data['precision'] or 'fp32'}); manifest {summary.manifest}", file=sys.stderr)
 
 
@@ -173,6 +240,7 @@ def decompose(args) -> int:
     if options.masks is not None and not options.masks.is_dir():
         raise CommandError(f"--masks {options.masks}: no such folder")
     src, out_dir = Path(args.input), Path(args.output)
+    hooks = face_hooks(args, out_dir)
     # inputs first: a wrong IN is reported before the model loads
     items = discover(src, out_dir, recursive=options.recursive, masks=options.masks)
     if not items:
@@ -182,7 +250,7 @@ def decompose(args) -> int:
     load_s = time.perf_counter() - t0
     progress = ProgressBar(len(items))
     try:
-        summary = decompose_folder(items, out_dir, dec, options, progress=progress)
+        summary = decompose_folder(items, out_dir, dec, options, progress=progress, **hooks)
     finally:
         progress.close()
     print_summary(summary, load_s, args.json)
