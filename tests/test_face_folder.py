@@ -201,3 +201,41 @@ def test_relight_bad_light_is_one_line(tmp_path, capsys):
     assert "preset" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         relight_cli.main([str(tmp_path / "p.png"), str(tmp_path / "o")])  # --light or --from required
+
+
+# --------------------------------------------------------------------------------------
+# The hooks alone (no model)
+
+
+def test_user_mask_follows_each_face(folder, tmp_path):
+    from sfs_fast.face_folder import FaceOptions, prepare_faces
+    from sfs_fast.pipeline import FolderOptions, Item
+
+    photo = pixels(folder / "group.png")
+    mask = np.zeros(photo.shape[:2], np.uint8)
+    mask[:, : photo.shape[1] // 2] = 255  # the photo's left half
+    Image.fromarray(mask).resize((photo.shape[1] // 2, photo.shape[0] // 2)).save(tmp_path / "m.png")
+    item = Item(folder / "group.png", Path("group.png"), mask=tmp_path / "m.png")
+    picture = prepare_faces(item, FolderOptions().checked(), FaceOptions("detect"), keep_photo=False)
+    assert len(picture.crops) == 6
+    sides = []
+    for crop in picture.crops:
+        x = np.mean(crop.meta["landmarks"], axis=0)[0]
+        if abs(x - photo.shape[1] / 2) > 100:  # the middle column's faces straddle the edge
+            sides.append("left" if x < photo.shape[1] / 2 else "right")
+            assert crop.mask.min() == 1.0 if sides[-1] == "left" else crop.mask.max() == 0.0
+    assert sorted(sides) == ["left"] * 2 + ["right"] * 2
+
+
+def test_a_crop_used_whole_maps_back_through_its_box(tmp_path):
+    from sfs_fast import images
+    from sfs_fast.face_folder import box_matrix
+
+    rng = np.random.default_rng(4)
+    smooth = cv2.GaussianBlur(rng.integers(0, 256, (300, 400, 3), dtype=np.uint8), (0, 0), 6)
+    Image.fromarray(smooth).save(tmp_path / "s.png")
+    image, box, _ = images.load_image(tmp_path / "s.png")
+    m = box_matrix(box)
+    np.testing.assert_allclose(F.apply(m, [[box[0] - 0.5, box[1] - 0.5]]), [[-0.5, -0.5]], atol=1e-9)
+    warped = F.warp_face(smooth, m).astype(np.float32) / 255
+    assert np.abs(warped.transpose(2, 0, 1) - image).max() < 3 / 255
