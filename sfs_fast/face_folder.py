@@ -106,7 +106,9 @@ def prepare_faces(item: Item, options: FolderOptions, face_options: FaceOptions,
         picture.error = str(exc)
         return picture
     if plan.as_is:
-        return _as_is(item, options, plan.reason, keep_photo)
+        picture = _as_is(item, options, plan.reason, keep_photo)
+        picture.timings["faces_ms"] = round((time.perf_counter() - t0) * 1e3, 3)  # the look that decided
+        return picture
     picture.meta = {"size": [photo.shape[1], photo.shape[0]],
                     "faces": {"mode": face_options.mode, "count": len(plan.faces), "reason": plan.reason}}
     picture.crops = _face_crops(item, plan)
