@@ -31,9 +31,9 @@ Example::
 """
 from __future__ import annotations
 
-from .dispatch import AUTO_ORDER, BACKENDS, available_backends, check_args, resolve_backend
-from .dispatch import run as _run
-from .reference import sh_shade_reference
+from sfs_fast.kernels.dispatch import AUTO_ORDER, BACKENDS, available_backends, check_args, resolve_backend
+from sfs_fast.kernels.dispatch import run as _run
+from sfs_fast.kernels.reference import sh_shade_reference
 
 __all__ = ["sh_shade", "sh_shade_reference", "BACKENDS", "AUTO_ORDER", "available_backends", "resolve_backend",
            "check_args"]

@@ -19,11 +19,11 @@ def _impl(backend):
     """The launcher module (``forward``/``backward`` on tensors) of a fused backend; imported on
     first use, because importing triton or preparing the CUDA build costs seconds."""
     if backend == "cpu":
-        from . import cpu as mod
+        from sfs_fast.kernels import cpu as mod
     elif backend == "triton":
-        from . import triton_sh_shade as mod
+        from sfs_fast.kernels import triton_sh_shade as mod
     elif backend == "cuda":
-        from . import cuda_sh_shade as mod
+        from sfs_fast.kernels import cuda_sh_shade as mod
     else:
         raise ValueError(f"backend: {backend!r} is not a fused backend; choose from {', '.join(FUSED_BACKENDS)}")
     return mod

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import torch
 
-from ._launch import DTYPE_CODES, backward_call, forward_call, ptr
+from sfs_fast.kernels._launch import DTYPE_CODES, backward_call, forward_call, ptr
 
 try:
-    from . import _cpu
+    from sfs_fast.kernels import _cpu
 except ImportError as exc:  # the optional extension was not built
     _cpu = None
     IMPORT_ERROR = exc

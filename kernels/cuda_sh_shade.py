@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ._launch import DTYPE_CODES, backward_call, check_grid_batch, forward_call, ptr, tile_count
+from sfs_fast.kernels._launch import DTYPE_CODES, backward_call, check_grid_batch, forward_call, ptr, tile_count
 
 SOURCE_DIR = Path(__file__).resolve().parent / "cuda"
 SOURCES = [SOURCE_DIR / "sh_shade_binding.cpp", SOURCE_DIR / "sh_shade_kernels.cu"]

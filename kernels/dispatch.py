@@ -11,8 +11,8 @@ import warnings
 
 import torch
 
-from ._ops import fused
-from .reference import sh_shade_reference
+from sfs_fast.kernels._ops import fused
+from sfs_fast.kernels.reference import sh_shade_reference
 
 # Preference order of "auto", per device type; the first available one is used.
 AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
@@ -68,7 +68,7 @@ _WARNED = []
 
 
 def _cpu_available(device):
-    from . import cpu
+    from sfs_fast.kernels import cpu
     if cpu.IMPORT_ERROR is not None and device.type == "cpu" and not _WARNED:
         _WARNED.append(True)
         warnings.warn(f"sfs_fast: the C++ shading kernels are not built ({cpu.IMPORT_ERROR}); "
@@ -83,12 +83,12 @@ def _triton_available(device):
         return False
     if device.type == "cuda" and not torch.cuda.is_available():
         return False
-    from . import triton_sh_shade
+    from sfs_fast.kernels import triton_sh_shade
     return triton_sh_shade.available(device)
 
 
 def _cuda_available(device):
-    from . import cuda_sh_shade
+    from sfs_fast.kernels import cuda_sh_shade
     return cuda_sh_shade.available(device)
 
 

@@ -22,7 +22,7 @@ except ImportError:  # triton is optional (Linux x86-64 GPU installs)
 
 from sfs_fast.sh import C1, C2, C3, C4, C5, NORMAL_EPS
 
-from ._launch import backward_call, check_grid_batch, forward_call, tile_count
+from sfs_fast.kernels._launch import backward_call, check_grid_batch, forward_call, tile_count
 
 
 def available(device: torch.device) -> bool:
