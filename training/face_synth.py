@@ -202,14 +202,18 @@ def rasterize(points: np.ndarray, faces: np.ndarray, height: int, width: int, cu
     local = np.arange(t.size) - np.repeat(np.cumsum(count) - count, count)
     col = c0[t] + local % w[t]
     row = r0[t] + local // w[t]
-    ct = coef[t]  # [N,3,3]
-    vals = ct[..., 0] * (col + 0.5)[:, None] + ct[..., 1] * (row + 0.5)[:, None] + ct[..., 2]  # [N,(b0,b1,z)]
-    b0, b1 = vals[:, 0], vals[:, 1]
-    b2 = 1.0 - b0 - b1
-    inside = (b0 >= -1e-9) & (b1 >= -1e-9) & (b2 >= -1e-9)
+    # The inside test runs in float32 on the many candidates (half the memory traffic); its
+    # tolerance of 1e-5 covers float32 rounding, so an edge shared by two triangles leaves no
+    # hole (both may claim a pixel on it; the z-buffer picks one). Kept pixels are redone in
+    # float64 below, so weights and depth are exact.
+    ct = coef.astype(np.float32)[t]  # [N,3,3]
+    pc, pr = (col + 0.5).astype(np.float32), (row + 0.5).astype(np.float32)
+    b01 = ct[:, :2, 0] * pc[:, None] + ct[:, :2, 1] * pr[:, None] + ct[:, :2, 2]
+    inside = (b01.min(1) >= -1e-5) & (b01.sum(1) <= 1.0 + 1e-5)
     t, row, col = t[inside], row[inside], col[inside]
-    bary = np.stack([b0[inside], b1[inside], b2[inside]], 1)
-    z = vals[inside, 2]
+    vals = np.einsum("nkj,nj->nk", coef[t], np.stack([col + 0.5, row + 0.5, np.ones(t.size)], 1))
+    bary = np.stack([vals[:, 0], vals[:, 1], 1.0 - vals[:, 0] - vals[:, 1]], 1)
+    z = vals[:, 2]
     pix = row * width + col
     # One sort on pixel + (a depth rank in [0, 1)): per pixel, the nearest comes first.
     span = max(float(np.ptp(z)) if z.size else 0.0, 1e-12)
@@ -399,8 +403,8 @@ def paint_albedo(rng: np.random.Generator, mesh: Mesh, skin, hair) -> tuple:
         tex = _blend(tex, rng.uniform(0.1, 0.35) * _region(lambda d: [d.ellipse(_box(c, r, r), 255) for c, r in blotches], 6), red)
     if rng.random() < 0.3:  # freckles around the nose and over the cheeks
         pts = _uv_px(mesh, [NOSE_TIP])[0] + rng.normal(0, [28 * U, 16 * U], (int(rng.integers(10, 120)), 2)) - [0, 12 * U]
-        dots = _region(lambda d: [d.ellipse(_box(p, 1.6, 1.6), int(rng.integers(120, 256))) for p in pts], 0.6)
-        tex = _blend(tex, dots * 0.7, skin * np.array([0.72, 0.55, 0.45]))
+        dots = _region(lambda d: [d.ellipse(_box(p, 1.0, 1.0), int(rng.integers(100, 256))) for p in pts], 0.5)
+        tex = _blend(tex, dots * rng.uniform(0.3, 0.6), skin * np.array([0.72, 0.55, 0.45]))
     lip = skin * np.array([0.86, 0.55, 0.56]) * rng.uniform(0.8, 1.05)
     tex = _blend(tex, rng.uniform(0.55, 0.9) * reg["lips"], lip)
     tex = _blend(tex, rng.uniform(0.5, 0.95) * reg["brows"], hair)
@@ -516,10 +520,15 @@ def _surroundings(rng: np.random.Generator, size: int, place: dict, skin, hair) 
 
     bald = rng.random() < 0.08
     long_hair = rng.random() < 0.4
-    radii = s * np.array([rng.uniform(7.9, 9.0), rng.uniform(10.5, 11.5) + (5.0 if long_hair else 0.0), rng.uniform(9.5, 10.5)])
-    hit, depth, normal, local = _ellipsoid(size, size, at([0, 1.5 - (5.0 if long_hair else 0.0), -3.0]), radii, rot)
-    top = local[..., 1] > (rng.uniform(-0.9, -0.5) if long_hair else rng.uniform(-0.15, 0.2))
-    hit &= top
+    ry_cm, cy_cm = rng.uniform(10.5, 11.5) + (5.0 if long_hair else 0.0), 1.5 - (5.0 if long_hair else 0.0)
+    radii = s * np.array([rng.uniform(7.9, 9.0), ry_cm, rng.uniform(9.5, 10.5)])
+    hit, depth, normal, local = _ellipsoid(size, size, at([0, cy_cm, -3.0]), radii, rot)
+    y_cm = local[..., 1] * ry_cm + cy_cm  # height on the head, as the mesh's y
+    wave = 0.3 * _smooth_noise(rng, (size, size), 6)  # an uneven hair line
+    hit &= y_cm + wave > (rng.uniform(-8.0, -4.0) if long_hair else rng.uniform(0.5, 4.0))
+    # A fringe for some: hair in front of the forehead, below the top of the face mesh.
+    fringe_y = rng.uniform(5.0, 8.5) if not bald and rng.random() < 0.35 else np.inf
+    layers["fringe"] = hit & (local[..., 2] > 0) & (y_cm + wave > fringe_y)
     angle = np.arctan2(local[..., 0], local[..., 1] + 1.2)
     # Fine strands along the skull's meridians, bent by noise, over slow brightness changes.
     strands = (1.0 + 0.08 * np.sin(angle * rng.uniform(80, 160) + 3.0 * _smooth_noise(rng, (size, size), 8))
@@ -597,21 +606,22 @@ def render_face(rng: np.random.Generator, options: FaceSynthOptions) -> dict:
     skin = skin_tone(rng)
     hair = np.asarray(HAIR_TONES[rng.integers(len(HAIR_TONES))]) * rng.uniform(0.7, 1.2)
     tex, shine_tex = paint_albedo(rng, mesh, skin, hair)
-    albedo = sample_texture(tex, uv).astype(np.float64)
+    texels = sample_texture(np.concatenate([tex, shine_tex[..., None]], -1), uv).astype(np.float64)
+    albedo, shine = texels[:, :3], texels[:, 3:]
     albedo[mesh.mouth_tris[flat_tri[vis]]] = np.asarray(MOUTH_INSIDE) * rng.uniform(0.6, 1.2)
-    face_layers = np.concatenate([albedo, normal, vals[:, 5:6], sample_texture(shine_tex[:, :, None], uv),
-                                  np.ones((len(vis), 1)), (vals[:, 6:7] >= 0.5)], 1)
+    face_layers = np.concatenate([albedo, normal, vals[:, 5:6], shine, np.ones((len(vis), 1)), (vals[:, 6:7] >= 0.5)], 1)
     # Box-filtered face layers (coverage = channel 8): each visible sub-pixel adds 1/k^2 of
     # its values to its output pixel.
     out_pix = (vis // big // k) * options.size + (vis % big) // k
     down = np.stack([np.bincount(out_pix, weights=c, minlength=options.size ** 2) for c in face_layers.T], -1)
     down = down.reshape(options.size, options.size, -1) / (k * k)
-    cover = down[..., 8:9]
 
     # The surroundings need no antialiasing of their own: drawn at the output size, they fill
     # the part of each pixel the face leaves uncovered.
     small = dict(place, scale=place["scale"] / k, centre=place["centre"] / k)
     layers = _surroundings(rng, options.size, small, skin, hair)
+    down = down * ~layers["fringe"][..., None]  # a fringe covers the face
+    cover = down[..., 8:9]
     n = down[..., 3:6] + (1.0 - cover) * layers["normal"]
     n /= np.maximum(np.linalg.norm(n, axis=-1, keepdims=True), 1e-12)
     albedo_px = down[..., 0:3] + (1.0 - cover) * layers["albedo"]
@@ -696,7 +706,7 @@ def cast_shadow(depth_px: np.ndarray, direction: np.ndarray, softness: float = 1
     dc, dr, dz = direction[0] / lxy, -direction[1] / lxy, direction[2] / lxy  # per pixel stepped
     rows, cols = np.mgrid[0:size, 0:size].astype(np.float64)
     shadow = np.zeros_like(depth_px)
-    for t in np.arange(1.0, 16.0 * size / 128 + 1, max(1.0, size / 128)):
+    for t in np.arange(1.0, 16.0 * size / 128 + 1, 1.5 * max(1.0, size / 128)):  # 16 px reach at 128
         rr = np.clip(np.rint(rows + t * dr), 0, size - 1).astype(np.int64)
         cc = np.clip(np.rint(cols + t * dc), 0, size - 1).astype(np.int64)
         above = depth_px[rr, cc] - (depth_px + t * dz) - 0.5
