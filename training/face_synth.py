@@ -194,26 +194,27 @@ def rasterize(points: np.ndarray, faces: np.ndarray, height: int, width: int, cu
         coef[:, k, 2] = (x[:, i] * y[:, j] - x[:, j] * y[:, i]) * inv
     b2 = np.array([0.0, 0.0, 1.0]) - coef[:, 0] - coef[:, 1]
     coef[:, 2] = coef[:, 0] * zc[:, :1] + coef[:, 1] * zc[:, 1:2] + b2 * zc[:, 2:]
-    c0 = np.clip(np.ceil(x.min(1) - 0.5), 0, width).astype(np.int64)
-    c1 = np.clip(np.floor(x.max(1) - 0.5), -1, width - 1).astype(np.int64)
+    # Scanlines: each (triangle, pixel row) pair gets the exact column span where the row's
+    # centre line crosses the triangle, so only covered pixels are generated.
     r0 = np.clip(np.ceil(y.min(1) - 0.5), 0, height).astype(np.int64)
     r1 = np.clip(np.floor(y.max(1) - 0.5), -1, height - 1).astype(np.int64)
-    w = np.maximum(c1 - c0 + 1, 0)
-    count = np.where(ok, w * np.maximum(r1 - r0 + 1, 0), 0)
-    # Every (triangle, pixel of its bounding box) pair at once: triangles are a few pixels big.
-    t = np.repeat(np.arange(len(faces)), count)
-    local = np.arange(t.size) - np.repeat(np.cumsum(count) - count, count)
-    col = c0[t] + local % w[t]
-    row = r0[t] + local // w[t]
-    # The inside test runs in float32 on the many candidates (half the memory traffic); its
-    # tolerance of 1e-5 covers float32 rounding, so an edge shared by two triangles leaves no
-    # hole (both may claim a pixel on it; the z-buffer picks one). Kept pixels are redone in
-    # float64 below, so weights and depth are exact.
-    ct = coef.astype(np.float32)[t]  # [N,3,3]
-    pc, pr = (col + 0.5).astype(np.float32), (row + 0.5).astype(np.float32)
-    b01 = ct[:, :2, 0] * pc[:, None] + ct[:, :2, 1] * pr[:, None] + ct[:, :2, 2]
-    inside = (b01.min(1) >= -1e-5) & (b01.sum(1) <= 1.0 + 1e-5)
-    t, row, col = t[inside], row[inside], col[inside]
+    rows_per = np.where(ok, np.maximum(r1 - r0 + 1, 0), 0)
+    pt = np.repeat(np.arange(len(faces)), rows_per)
+    prow = r0[pt] + np.arange(pt.size) - np.repeat(np.cumsum(rows_per) - rows_per, rows_per)
+    yc = prow + 0.5
+    lo, hi = np.full(pt.size, np.inf), np.full(pt.size, -np.inf)
+    for i, j in ((0, 1), (1, 2), (2, 0)):
+        ya, yb, xa, xb = y[pt, i], y[pt, j], x[pt, i], x[pt, j]
+        crosses = (np.minimum(ya, yb) <= yc) & (yc <= np.maximum(ya, yb)) & (ya != yb)
+        xe = xa + (yc - ya) * (xb - xa) / np.where(ya != yb, yb - ya, 1.0)
+        lo = np.where(crosses, np.minimum(lo, xe), lo)
+        hi = np.where(crosses, np.maximum(hi, xe), hi)
+    c0 = np.clip(np.ceil(np.where(np.isfinite(lo), lo, 0.0) - 0.5), 0, width).astype(np.int64)
+    c1 = np.clip(np.floor(np.where(np.isfinite(hi), hi, -1.0) - 0.5), -1, width - 1).astype(np.int64)
+    count = np.maximum(c1 - c0 + 1, 0)
+    pair = np.repeat(np.arange(pt.size), count)
+    t, row = pt[pair], prow[pair]
+    col = c0[pair] + np.arange(pair.size) - np.repeat(np.cumsum(count) - count, count)
     vals = np.einsum("nkj,nj->nk", coef[t], np.stack([col + 0.5, row + 0.5, np.ones(t.size)], 1))
     bary = np.stack([vals[:, 0], vals[:, 1], 1.0 - vals[:, 0] - vals[:, 1]], 1)
     z = vals[:, 2]
