@@ -272,7 +272,7 @@ def identity_shape(rng: np.random.Generator, base: np.ndarray) -> np.ndarray:
     jaw = np.clip((-base[:, 1] - 3.0) / 5.0, 0.0, 1.0)  # 0 above the mouth, 1 at the chin
     v[:, 0] *= 1.0 + jaw * rng.normal(0, 0.07)  # narrow or square jaw
     v[:, 1] -= jaw * rng.normal(0, 0.4)  # long or short chin
-    for idx, side in ((RIGHT_CHEEK, -1), (LEFT_CHEEK, 1)):
+    for idx in (RIGHT_CHEEK, LEFT_CHEEK):  # fuller or flatter cheeks
         v += _bump(base, base[idx], 2.0)[:, None] * [0.0, 0.0, rng.normal(0, 0.3)]
     return v
 
@@ -546,15 +546,7 @@ def _surroundings(rng: np.random.Generator, size: int, place: dict, skin, hair) 
 # One face: geometry and albedo
 
 
-def _downsample(a: np.ndarray, k: int) -> np.ndarray:
-    """Box-filter ``[kH,kW,...]`` -> ``[H,W,...]`` (the antialiasing of the supersampled render)."""
-    if k == 1:
-        return a
-    h, w = a.shape[0] // k, a.shape[1] // k
-    return a.reshape(h, k, w, k, *a.shape[2:]).mean(axis=(1, 3))
-
-
-def _place(rng: np.random.Generator, mesh: Mesh, verts: np.ndarray, size: int) -> dict:
+def _place(rng: np.random.Generator, verts: np.ndarray, size: int) -> dict:
     """Pose and framing: rotation, px/cm scale and the camera position of the mesh origin such
     that the eye centre lands where the SfSNet crops have it (with jitter)."""
     pose = draw_pose(rng)
@@ -590,7 +582,7 @@ def render_face(rng: np.random.Generator, options: FaceSynthOptions) -> dict:
     k = options.supersample
     big = options.size * k
     verts = expression(rng, mesh.verts, identity_shape(rng, mesh.verts))
-    place = _place(rng, mesh, verts, big)
+    place = _place(rng, verts, big)
     cam = verts @ place["rot"].T * place["scale"] + place["centre"]
     points = np.stack([cam[:, 0], -cam[:, 1], cam[:, 2]], 1)  # column, row, depth
     tri, bary = rasterize(points, mesh.faces, big, big, cull=True)
