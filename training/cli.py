@@ -1,6 +1,6 @@
 """``sfs-train`` and ``sfs-data``.
 
-    sfs-data synth OUT --n 1000 [--seed 0] [--size 128]     procedural faces + CSVs
+    sfs-data synth OUT --n 1000 [--seed 0] [--size 128]     synthetic faces + CSVs (--generator mesh|procedural)
     sfs-data csv DIR                                           CSVs of a synthetic / pseudo / CelebA folder
     sfs-data pseudo --weights CKPT CELEBA_DIR OUT             pseudo labels of real faces + CSVs
     sfs-train --method 3 --syn_data OUT --epochs 10 ...       train (the original flags, SPEC B.4.5)
@@ -115,13 +115,16 @@ def build_data_parser() -> argparse.ArgumentParser:
     add_debug_flag(p)
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("synth", help="write procedural faces in the SfSNet synthetic layout (+ CSVs)")
+    s = sub.add_parser("synth", help="write synthetic faces in the SfSNet synthetic layout (+ CSVs)")
     s.add_argument("out", help="output folder")
     s.add_argument("--n", type=int, required=True, help="number of faces")
     s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     s.add_argument("--size", type=int, default=128, help="image size in pixels (default 128)")
     s.add_argument("--test-fraction", type=float, default=0.1, help="fraction of faces in test/ (default 0.1)")
     s.add_argument("--lights-per-face", type=int, default=1, help="renderings of each face under new lights (default 1)")
+    s.add_argument("--generator", choices=["mesh", "procedural"], default="mesh",
+                   help="mesh: MediaPipe face geometry with hair, neck, background, highlights, shadows and "
+                        "camera effects (default); procedural: the older height-field heads")
     s.add_argument("--threads", type=int, default=1,
                    help="torch threads while rendering (default 1: the batches are small)")
     add_debug_flag(s)
@@ -158,7 +161,7 @@ def _synth(args) -> int:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     counts = write_dataset(out, args.n, seed=args.seed, size=args.size, test_fraction=args.test_fraction,
-                           lights_per_face=args.lights_per_face)
+                           lights_per_face=args.lights_per_face, generator=args.generator)
     print(f"sfs-data: wrote {counts.get('train', 0)} train and {counts.get('test', 0)} test samples to {out} "
           f"in {time.perf_counter() - started:.1f} s")
     return 0

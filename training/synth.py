@@ -304,12 +304,19 @@ def _save_png(path: Path, array: np.ndarray) -> None:
 
 
 def write_dataset(out, n: int, seed: int = 0, size: int = 128, test_fraction: float = 0.1,
-                  lights_per_face: int = 1, faces_per_folder: int = 100, progress=None) -> dict:
+                  lights_per_face: int = 1, faces_per_folder: int = 100, progress=None,
+                  generator: str = "procedural") -> dict:
     """Write ``n`` faces (x ``lights_per_face``) to ``out`` in the synthetic layout and the
     CSVs. The last ``round(n * test_fraction)`` faces go to ``test/``. Files are written under
     a temporary name and renamed, so an interrupted run leaves no half-written file.
+    ``generator``: ``procedural`` (this module) or ``mesh`` (:mod:`.face_synth`).
     Returns ``{"train": rows, "test": rows}``."""
     from sfs_fast.training.data import generate_dataset_csv
+    from sfs_fast.training import face_synth
+
+    if generator not in ("procedural", "mesh"):
+        raise ValueError(f"--generator: expected mesh or procedural, got {generator!r}")
+    batches = face_synth.generate if generator == "mesh" else generate
 
     if n < 1:
         raise ValueError(f"--n: need at least one sample, got {n}")
@@ -337,7 +344,7 @@ def write_dataset(out, n: int, seed: int = 0, size: int = 128, test_fraction: fl
     # PNG encoding releases the GIL: write one batch while the next one renders.
     with ThreadPoolExecutor(max_workers=2) as pool:
         pending = []
-        for start, arrays in generate(n, seed, size, k):
+        for start, arrays in batches(n, seed, size, k):
             for fut in pending:
                 fut.result()
             pending = [pool.submit(write_sample, arrays, j, start + j // k) for j in range(arrays["face"].shape[0])]
