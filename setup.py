@@ -80,7 +80,7 @@ setup(
     packages=list(PACKAGE_DIR) + ["sfs_fast.cli"],
     package_dir=PACKAGE_DIR,
     # The CUDA sources are compiled on first use on a GPU machine, so they ship with the package.
-    package_data={"sfs_fast": ["data/*"], "sfs_fast.kernels": ["cuda/*.cu", "cuda/*.cpp", "csrc/*.h", "csrc/*.cpp"]},
+    package_data={"sfs_fast": ["data/*", "data/examples/*"], "sfs_fast.kernels": ["cuda/*.cu", "cuda/*.cpp", "csrc/*.h", "csrc/*.cpp"]},
     include_package_data=True,
     ext_modules=cpu_kernels(),
     cmdclass={"build_ext": BuildExt},

@@ -80,6 +80,8 @@ exit codes:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sfs_fast.plan import add_plan_arguments
+
     p = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", metavar="IN", help="folder, picture, or text file listing pictures")
@@ -92,13 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "default: the bundled demo weights of the method")
     src.add_argument("--onnx", metavar="FILE", default=None,
                      help="an exported .onnx model (implies --backend onnx)")
-    p.add_argument("--backend", choices=["eager", "fused", "compile", "onnx"], default=None,
-                   help="inference backend (default: fused; onnx with --onnx)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8", "auto"], default=None,
-                   help="fp32 (default); bf16 (CPU with AMX, or CUDA); fp16 (CUDA, or an fp16 ONNX file); "
-                        "int8 (ONNX Runtime static QDQ; implies --backend onnx); auto: the fastest path this "
-                        "machine supports that meets the accuracy budget against fp32 on check images")
+    add_plan_arguments(p)  # --backend, --device, --precision, --threads (sfs_fast.plan)
     p.add_argument("--masks", metavar="DIR", default=None, help="folder of masks, matched by path or stem")
     p.add_argument("-r", "--recursive", action="store_true", help="descend into sub-folders of IN")
     p.add_argument("--fit", choices=["crop", "pad"], default="crop",
@@ -106,7 +102,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="pictures per model call (default: 16)")
     p.add_argument("--workers", type=int, default=None,
                    help="decoder threads and encoder threads, each (default: min(4, CPUs))")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads of the model (default: torch's)")
     p.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs already exist")
     p.add_argument("--formats", default="png",
                    help="comma-separated output formats: png (pictures + light file), npy (float arrays); "
@@ -418,19 +413,16 @@ def _load(item: Item, fit: str, max_pixels: int) -> Result:
 
 def _make_decomposer(args, prog=PROG):
     from sfs_fast.decomposer import Decomposer
+    from sfs_fast.plan import plan_from_args
 
-    precision = getattr(args, "precision", None)
-    backend = args.backend or ("onnx" if args.onnx or precision == "int8" else None if precision == "auto" else "fused")
-    if args.onnx and backend != "onnx":
+    if args.onnx and args.backend not in (None, "onnx"):
         raise CommandError("--onnx needs --backend onnx (or no --backend)")
-    if args.weights and not Path(args.weights).is_file():
-        raise CommandError(f"{args.weights}: no such checkpoint")
     if args.onnx and not Path(args.onnx).is_file():
         raise CommandError(f"{args.onnx}: no such ONNX file")
+    plan = plan_from_args(args)  # a missing checkpoint is load_any's to report (it also takes registry names)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        dec = Decomposer(method=args.method, weights=args.weights, onnx=args.onnx, backend=backend,
-                         device=args.device, threads=args.threads, precision=precision)
+        dec = Decomposer(method=args.method, weights=args.weights, onnx=args.onnx, plan=plan)
     notes = []
     for w in caught:
         text = str(w.message).strip().splitlines()[0] if str(w.message).strip() else ""
