@@ -149,20 +149,32 @@ def compare(outputs: dict, reference: dict) -> dict:
     }
 
 
-def run_e2e(*, methods, batches, paths=DEFAULT_PATHS, device="cpu", threads=None, warmup=2, runs=20,
-            size=INPUT_SIZE, weights=None, fused_options=None, gemm_n=2048, log=print) -> dict:
-    """Benchmark every (method, batch, path); return the JSON-ready result (see README)."""
-    if size != INPUT_SIZE:
-        raise ValueError(f"size: the models and the Decomposer take {INPUT_SIZE}x{INPUT_SIZE} images, not {size}")
-    unknown = [p for p in paths if p not in PATHS]
+def check_paths(paths, known, what: str = "path") -> None:
+    """ValueError naming the ``paths`` that are not among ``known``."""
+    unknown = [p for p in paths if p not in known]
     if unknown:
-        raise ValueError(f"paths: unknown path(s) {', '.join(unknown)}; choose from {', '.join(PATHS)}")
+        raise ValueError(f"paths: unknown {what}(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+
+
+def start_measuring(threads, gemm_n: int, device: str = "cpu", log=print) -> tuple[int, dict]:
+    """Pin the threads (None keeps torch's) and measure the fp32 GEMM rate the floors use;
+    returns ``(threads, gemm)``."""
     if threads is not None:
         torch.set_num_threads(int(threads))
     threads = torch.get_num_threads()
     log(f"measuring the fp32 GEMM rate ({gemm_n}^3, {threads} threads) ...")
     gemm = measure_gemm_rate(gemm_n, device=device)
     log(f"  {gemm['gflops_median']:.1f} GFLOP/s (median), {gemm['gflops_best']:.1f} best")
+    return threads, gemm
+
+
+def run_e2e(*, methods, batches, paths=DEFAULT_PATHS, device="cpu", threads=None, warmup=2, runs=20,
+            size=INPUT_SIZE, weights=None, fused_options=None, gemm_n=2048, log=print) -> dict:
+    """Benchmark every (method, batch, path); return the JSON-ready result (see README)."""
+    if size != INPUT_SIZE:
+        raise ValueError(f"size: the models and the Decomposer take {INPUT_SIZE}x{INPUT_SIZE} images, not {size}")
+    check_paths(paths, PATHS)
+    threads, gemm = start_measuring(threads, gemm_n, device, log)
     gen = torch.Generator().manual_seed(1234)
     results, models, group_rates = [], {}, []
     for method in methods:

@@ -15,8 +15,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from sfs_fast.optimize import with_shading_backend
 from sfs_fast.plan import TRAIN_PLANS, named_plan
 
-from .e2e import INPUT_SIZE, ROTATED_INPUTS, compare, load_bench_model
-from .floors import compute_floor_ms, measure_gemm_rate
+from .e2e import INPUT_SIZE, ROTATED_INPUTS, check_paths, compare, load_bench_model, start_measuring
+from .floors import compute_floor_ms
 from .timing import time_calls
 
 # path -> the shading backend of its named plan
@@ -55,14 +55,8 @@ def run_train(*, methods, batches, paths=tuple(TRAIN_PATHS), threads=None, warmu
     quick checks; the floor is counted at the size used)."""
     if size < 8 or size % 4:
         raise ValueError(f"size: expected a multiple of 4, at least 8, got {size}")
-    unknown = [p for p in paths if p not in TRAIN_PATHS]
-    if unknown:
-        raise ValueError(f"paths: unknown train path(s) {', '.join(unknown)}; choose from {', '.join(TRAIN_PATHS)}")
-    if threads is not None:
-        torch.set_num_threads(int(threads))
-    threads = torch.get_num_threads()
-    log(f"measuring the fp32 GEMM rate ({gemm_n}^3, {threads} threads) ...")
-    gemm = measure_gemm_rate(gemm_n)
+    check_paths(paths, TRAIN_PATHS, "train path")
+    threads, gemm = start_measuring(threads, gemm_n, "cpu", log)
     gen = torch.Generator().manual_seed(4321)
     results, models = [], {}
     for method in methods:
