@@ -89,11 +89,6 @@ class RunPlan:
         """Keyword arguments of :func:`sfs_fast.optimize.optimize_for_inference`."""
         return {**dict(self.optimizations), "shading_backend": self.shading_backend}
 
-    def replace(self, **changes) -> RunPlan:
-        """A re-resolved copy with ``changes`` (checked like a new plan)."""
-        settings = {**self.settings(), **changes}
-        return resolve_plan(**settings)
-
     def settings(self) -> dict:
         """The fields as :func:`resolve_plan` keywords (optimizations as a dict)."""
         return {"backend": self.backend, "precision": self.precision, "device": self.device,
