@@ -81,7 +81,7 @@ setup(
     package_dir=PACKAGE_DIR,
     # The CUDA sources are compiled on first use on a GPU machine, so they ship with the package,
     # with csrc/sh_basis.h (the SH constants and basis), which the .cu includes as ../csrc/sh_basis.h.
-    package_data={"sfs_fast": ["data/*", "data/yunet/*"], "sfs_fast.kernels": ["cuda/*.cu", "cuda/*.cpp", "csrc/*.h", "csrc/*.cpp"]},
+    package_data={"sfs_fast": ["data/*", "data/yunet/*", "data/examples/*"], "sfs_fast.kernels": ["cuda/*.cu", "cuda/*.cpp", "csrc/*.h", "csrc/*.cpp"]},
     include_package_data=True,
     ext_modules=cpu_kernels(),
     cmdclass={"build_ext": BuildExt},

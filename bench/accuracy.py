@@ -18,29 +18,22 @@ from .e2e import PathUnavailable, load_bench_model, make_decomposer
 from .timing import time_calls
 
 DEFAULT_PATHS = ("eager", "fused", "bf16", "onnx", "onnx-int8", "onnx-int8-all")
-# Decomposer (backend, precision) -> path name of sfs-bench
-PATH_OF = {("fused", "fp32"): "fused", ("compile", "fp32"): "compile", ("onnx", "fp32"): "onnx",
-           ("fused", "bf16"): "bf16", ("compile", "bf16"): "compile-bf16", ("fused", "fp16"): "fp16",
-           ("onnx", "int8"): "onnx-int8", ("onnx", "fp16"): "onnx-fp16"}
 
 
 def image_sets(synthetic: int = 8, seed: int = 0) -> dict:
     """``{"examples": [N,3,128,128], "synthetic": [S,3,128,128]}`` float32 tensors: the
-    example faces of the source tree (left out when absent) and procedural faces."""
-    from sfs_fast.export.precision import example_faces, face_like_images
+    example faces shipped with the package and procedural faces."""
+    from sfs_fast.samples import example_faces, face_like_images
 
-    sets = {}
-    faces = example_faces()
-    if len(faces):
-        sets["examples"] = torch.from_numpy(np.ascontiguousarray(faces))
-    sets["synthetic"] = torch.from_numpy(face_like_images(synthetic, np.random.default_rng(20_000 + seed)))
-    return sets
+    return {"examples": torch.from_numpy(np.ascontiguousarray(example_faces())),
+            "synthetic": torch.from_numpy(face_like_images(synthetic, np.random.default_rng(20_000 + seed)))}
 
 
 def run_accuracy(*, methods, paths=DEFAULT_PATHS, device="cpu", threads=None, warmup=1, runs=5, weights=None,
                  synthetic=8, log=print) -> dict:
     """Measure every (method, path, set); JSON-ready ``{"kind": "accuracy", "results": [...],
     "auto": {method: path}}``."""
+    from sfs_fast.plan import plan_name
     from sfs_fast.precision import BUDGET, auto_candidates, check_budget, format_metrics, reference_outputs
 
     if threads is not None:
@@ -81,7 +74,7 @@ def run_accuracy(*, methods, paths=DEFAULT_PATHS, device="cpu", threads=None, wa
         ok = {r["path"]: r for r in results if r["method"] == method and r.get("status") == "ok"}
         passing = {p for p in ok if all(r["passed"] for r in results
                                         if r["method"] == method and r["path"] == p and r.get("status") == "ok")}
-        auto[str(method)] = next((PATH_OF.get(c) for c in auto_candidates(None, device) if PATH_OF.get(c) in passing),
+        auto[str(method)] = next((plan_name(*c) for c in auto_candidates(None, device) if plan_name(*c) in passing),
                                  "fused (fp32)")
         log(f"  m{method} auto takes: {auto[str(method)]}")
     return {"kind": "accuracy", "budget": dict(BUDGET), "sets": {k: len(v) for k, v in sets.items()},

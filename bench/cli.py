@@ -46,11 +46,12 @@ def _names(text: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sfs_fast.plan import NAMED_PLANS, TRAIN_PLANS, add_plan_arguments
+
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Paths (e2e, accuracy): eager, fused, compile, onnx, onnx-int8, onnx-fp16, bf16, "
-                                       "compile-bf16, fp16 (CUDA), tensorrt. "
-                                       "Train paths: reference, fused. A path that cannot run here is "
+                                epilog=f"Paths (e2e, accuracy; the named plans of sfs_fast.plan): {', '.join(NAMED_PLANS)}. "
+                                       f"Train paths: {', '.join(TRAIN_PLANS)}. A path that cannot run here is "
                                        "listed as skipped with the reason.")
     p.add_argument("kind", nargs="?", default="e2e", choices=("e2e", "op", "train", "accuracy"),
                    help="what to measure (default e2e); accuracy: every precision path against fp32 on the "
@@ -68,8 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=None, help="checkpoint or registered name (sfs-weights list) to benchmark (default: the "
                                                    "method's default weights, "
                                                    "else random weights with calibrated BatchNorm)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's default)")
+    add_plan_arguments(p, flags=("device", "threads"))
     p.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
     p.add_argument("--runs", type=int, default=20, help="timed runs (default 20)")
     p.add_argument("--gemm-size", type=int, default=2048, metavar="N",
@@ -98,7 +98,7 @@ def _run(args) -> int:
         raise CommandError("--gemm-size must be >= 16", 2)
     if args.threads is not None and args.threads < 1:
         raise CommandError("--threads must be >= 1", 2)
-    if args.device == "cuda" and not torch.cuda.is_available():
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         raise CommandError("--device cuda: torch sees no CUDA device here", 2)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -149,11 +149,11 @@ def _run(args) -> int:
         if result.get("kind") == "accuracy":
             from .accuracy import markdown
 
-            report._write_atomic(args.markdown, markdown(result, command=result["command"]))
+            report.write_text(args.markdown, markdown(result, command=result["command"]))
         elif "results" in result and result.get("kind") in ("e2e", "train"):
             report.write_markdown(result, args.markdown, command=result["command"])
         else:
-            report._write_atomic(args.markdown, "```\n" + result.get("text", "") + "\n```\n")
+            report.write_text(args.markdown, "```\n" + result.get("text", "") + "\n```\n")
     if args.plot:
         if result.get("kind") not in ("e2e", "train"):
             raise CommandError("--plot: only e2e and train results are plotted")
@@ -166,11 +166,8 @@ def _run_op(args, log) -> dict:
     """Delegate to the op micro benchmark of the kernels (``sfs_fast.bench.op.run``): shapes
     ``[B,3,size,size]`` for each ``--batch`` (its default shapes without ``--batch``),
     ``--paths`` are the op's backends (default: all available on the device)."""
-    try:
-        from . import op
-    except ImportError as exc:
-        return {"kind": "op", "results": [{"method": "-", "batch": "-", "path": "op", "status": "skipped",
-                                           "reason": f"sfs_fast.bench.op is not available ({exc})"}]}
+    from . import op
+
     shapes = [(b, 3, args.size, args.size) for b in args.batch] if args.batch else op.DEFAULT_SHAPES
     result = op.run(shapes=shapes, backends=args.paths, runs=args.runs, warmup=args.warmup,
                     threads=args.threads, device=args.device, log=log)

@@ -1,10 +1,10 @@
 """End-to-end inference benchmark: every method, batch and path through the one
 ``Decomposer``, side by side in one run, each path checked against eager on the same input.
 
-Paths:
+Paths are the named plans of :data:`sfs_fast.plan.NAMED_PLANS`:
 - ``eager``: the model as built (reference shading, no rewrites): the baseline.
 - ``fused``: ``sfs_fast.optimize.optimize_for_inference`` (BatchNorm folded, heads' 1x1 conv
-  before the upsampling, channels-last, fused shading op); ``--fused-options`` switches them.
+  before the upsampling, channels-last, fused shading op); ``--fused-off`` switches them.
 - ``compile``: ``torch.compile`` of the fused model; the first call (compilation) is timed
   apart from the runs.
 - ``onnx``, ``onnx-int8``, ``onnx-fp16``: ONNX Runtime through the Decomposer's ``onnx``
@@ -12,27 +12,27 @@ Paths:
   ``onnx-int8-all``: int8 on every convolution but the outputs (over the accuracy budget).
 - ``bf16``, ``compile-bf16``, ``fp16``: the PyTorch low-precision model
   (``sfs_fast.precision.to_low_precision``), eager or compiled.
+- ``tensorrt``: the fp16 file on ONNX Runtime's TensorRT provider.
 
-A path that cannot run here is listed with ``status: "skipped"`` and the reason.
+A path that cannot run here (no such hardware, an optional package not installed) is listed
+with ``status: "skipped"`` and the reason; one that breaks is listed as ``failed``.
 """
 from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
+
+from sfs_fast.plan import NAMED_PLANS, RunPlan, named_plan
+from sfs_fast.precision import output_error
+from sfs_fast.samples import face_like_images
 
 from .floors import compute_floor_ms, count_flops, measure_gemm_rate
 from .timing import time_calls
 
-PATHS = ("eager", "fused", "compile", "onnx", "onnx-int8", "onnx-int8-all", "onnx-fp16", "bf16", "compile-bf16",
-         "fp16", "tensorrt")
+PATHS = tuple(NAMED_PLANS)
 DEFAULT_PATHS = ("eager", "fused", "compile", "onnx", "onnx-int8", "bf16")
-# PyTorch low-precision paths (sfs_fast.precision): path -> (Decomposer backend, precision)
-TORCH_PRECISION = {"bf16": ("fused", "bf16"), "compile-bf16": ("compile", "bf16"), "fp16": ("fused", "fp16")}
-ONNX_PRECISION = {"onnx": "fp32", "onnx-int8": "int8", "onnx-int8-all": "int8", "onnx-fp16": "fp16"}
-# onnx-int8 quantizes the layers that stay within the accuracy budget; onnx-int8-all every
-# convolution but the outputs (sfs_fast.export.precision.INT8_LAYERS), to show what that costs.
-INT8_LAYERS_OF = {"onnx-int8-all": "all"}
 INPUT_SIZE = 128
 ROTATED_INPUTS = 3
 
@@ -42,15 +42,8 @@ class PathUnavailable(Exception):
 
 
 def bench_images(batch: int, gen: torch.Generator) -> torch.Tensor:
-    """``[batch,3,128,128]`` float32 inputs in [0,1]: the exporter's procedural face-like
-    pictures when it is installed (activation ranges like real use, which is what quantized
-    paths are calibrated for), else uniform noise."""
-    try:
-        import numpy as np
-
-        from sfs_fast.export.precision import face_like_images
-    except ImportError:
-        return torch.rand(batch, 3, INPUT_SIZE, INPUT_SIZE, generator=gen)
+    """``[batch,3,128,128]`` float32 procedural face-like pictures (activation ranges like
+    real use, which is what quantized paths are calibrated for), seeded from ``gen``."""
     seed = int(torch.randint(0, 2 ** 31 - 1, (1,), generator=gen))
     return torch.from_numpy(face_like_images(batch, np.random.default_rng(seed)))
 
@@ -74,92 +67,80 @@ def load_bench_model(method: int, weights=None, seed: int = 0, size: int = INPUT
     return calibrate_batchnorm(build_model(method), batches), "random (BatchNorm calibrated)"
 
 
+def path_plan(path: str, *, device: str, threads: int | None, fused_options: dict | None = None) -> RunPlan:
+    """The :class:`~sfs_fast.plan.RunPlan` of ``path`` on this run's device and threads;
+    :class:`PathUnavailable` when the plan cannot exist or its hardware or package is not
+    here."""
+    from sfs_fast.precision import capabilities
+
+    if path not in NAMED_PLANS:
+        raise ValueError(f"paths: unknown path {path!r}; choose from {', '.join(PATHS)}")
+    try:
+        plan = named_plan(path, device=device, threads=threads, optimizations=fused_options)
+    except ValueError as exc:  # e.g. PyTorch fp16 on the CPU
+        raise PathUnavailable(str(exc).removeprefix("precision: ")) from exc
+    if plan.backend == "onnx":
+        try:
+            import onnxruntime
+        except ModuleNotFoundError as exc:
+            raise PathUnavailable(f"onnxruntime is not installed ({exc})") from exc
+        missing = [p for p in plan.providers or () if p not in onnxruntime.get_available_providers()]
+        if missing:
+            raise PathUnavailable(f"onnxruntime has no {missing[0]} here")
+    elif plan.precision != "fp32":
+        caps = capabilities(plan.device)
+        if not caps[plan.precision]:
+            raise PathUnavailable(f"no {plan.precision} hardware on this {device} ({caps['why'][plan.precision]})")
+    return plan
+
+
 def make_decomposer(path: str, model, *, device: str, threads: int | None, fused_options: dict | None = None):
     """The ``Decomposer`` that runs ``path``; raise :class:`PathUnavailable` with the reason
     when it cannot run here."""
     from sfs_fast.decomposer import Decomposer
 
-    if path == "eager":
-        return Decomposer(model, backend="eager", device=device, threads=threads)
-    if path in ("fused", "compile"):
-        return Decomposer(model, backend=path, device=device, threads=threads, optimizations=fused_options)
-    if path in TORCH_PRECISION:
-        from sfs_fast.precision import capabilities, resolve
-
-        backend, precision = TORCH_PRECISION[path]
-        try:
-            resolve(precision, backend, device)
-        except ValueError as exc:
-            raise PathUnavailable(str(exc).removeprefix("precision: ")) from exc
-        caps = capabilities(device)
-        if not caps[precision]:
-            raise PathUnavailable(f"no {precision} hardware on this {device} ({caps['why'][precision]})")
-        return Decomposer(model, backend=backend, precision=precision, device=device, threads=threads,
-                          optimizations=fused_options)
-    if path == "tensorrt":
-        import onnxruntime
-
-        if "TensorrtExecutionProvider" not in onnxruntime.get_available_providers():
-            raise PathUnavailable("onnxruntime has no TensorrtExecutionProvider here")
-        return _onnx_file_decomposer(model, "fp16", device="cuda", threads=threads, provider_device="tensorrt")
-    if path in ONNX_PRECISION:
-        try:
-            import onnxruntime  # noqa: F401
-        except ImportError as exc:
-            raise PathUnavailable(f"onnxruntime is not installed ({exc})") from exc
-        try:
-            from sfs_fast.export import OnnxRunner  # noqa: F401
-        except ImportError as exc:
-            raise PathUnavailable(f"sfs_fast.export.OnnxRunner is not available yet ({exc})") from exc
-        return _onnx_file_decomposer(model, ONNX_PRECISION[path], device=device, threads=threads,
-                                     int8_layers=INT8_LAYERS_OF.get(path, "budget"))
-    raise ValueError(f"paths: unknown path {path!r}; choose from {', '.join(PATHS)}")
+    plan = path_plan(path, device=device, threads=threads, fused_options=fused_options)
+    if plan.backend == "onnx":
+        return _onnx_file_decomposer(model, plan)
+    return Decomposer(model, plan=plan)
 
 
-def _onnx_file_decomposer(model, precision: str, *, device: str, threads, provider_device=None,
-                          int8_layers: str = "budget"):
-    """Export ``model`` at ``precision`` (``fp32``, ``fp16``, ``int8``) to a temporary file
-    and open it through the Decomposer's ``onnx`` backend. The exporter's own parity gate is
-    opened wide: this benchmark compares every path with eager itself, in the same run, and
-    reports the difference beside the time instead of refusing the path."""
+def _onnx_file_decomposer(model, plan: RunPlan):
+    """Export ``model`` at the plan's precision to a temporary file and open it through the
+    Decomposer's ``onnx`` backend. The exporter's own parity gate is opened wide: this
+    benchmark compares every path with eager itself, in the same run, and reports the
+    difference beside the time instead of refusing the path."""
     import shutil
     import tempfile
 
     from sfs_fast.decomposer import Decomposer
+    from sfs_fast.export import export_onnx
 
-    try:
-        from sfs_fast.export import export_onnx
-    except ImportError as exc:
-        raise PathUnavailable(f"sfs_fast.export.export_onnx is not available ({exc})") from exc
     folder = tempfile.mkdtemp(prefix="sfs_bench_onnx_")
     try:
-        target = f"{folder}/method{model.method}_{precision}.onnx"
+        target = f"{folder}/method{model.method}_{plan.precision}.onnx"
         try:
-            export_onnx(model, target, precision=precision, atol=1e6, verify_batches=(1,), sidecar=False,
-                        int8_layers=int8_layers, log=None)
-        except TypeError as exc:  # an exporter without the precision setting
-            raise PathUnavailable(f"the ONNX exporter cannot write {precision} ({exc})") from exc
-        dec = Decomposer(onnx=target, backend="onnx", method=model.method, device=device, threads=threads)
-        if provider_device is not None:  # e.g. TensorRT: the same file on another provider list
-            from sfs_fast.export import OnnxRunner
-
-            dec.runner = OnnxRunner(target, device=provider_device, threads=threads)
-        return dec
+            export_onnx(model, target, precision=plan.precision, atol=1e6, verify_batches=(1,), sidecar=False,
+                        int8_layers=plan.int8_layers or "budget", log=None)
+        except ModuleNotFoundError as exc:  # onnx / onnxslim not installed: the one reason to skip
+            raise PathUnavailable(f"the ONNX exporter needs a package that is not installed ({exc})") from exc
+        return Decomposer(onnx=target, method=model.method, plan=plan)
     finally:  # the session holds the model in memory
         shutil.rmtree(folder, ignore_errors=True)
 
 
 def compare(outputs: dict, reference: dict) -> dict:
     """Per output: max absolute difference and that difference over the reference's range
-    (max - min). ``max_abs`` and ``max_rel_range`` are the worst over all outputs."""
+    (max - min), from :func:`sfs_fast.precision.output_error`. ``max_abs`` and
+    ``max_rel_range`` are the worst over all outputs."""
     per = {}
     for name, ref in reference.items():
         if name not in outputs:
             per[name] = {"max_abs": float("inf"), "rel_range": float("inf")}
             continue
-        diff = float((outputs[name].float() - ref.float()).abs().max()) if ref.numel() else 0.0
-        span = float(ref.max() - ref.min()) if ref.numel() else 0.0
-        per[name] = {"max_abs": diff, "rel_range": diff / span if span > 0 else diff}
+        err = output_error(outputs[name], ref)
+        span = err["ref_span"]
+        per[name] = {"max_abs": err["max_abs"], "rel_range": err["max_abs"] / span if span > 0 else err["max_abs"]}
     return {
         "max_abs": max((v["max_abs"] for v in per.values()), default=0.0),
         "max_rel_range": max((v["rel_range"] for v in per.values()), default=0.0),
@@ -168,20 +149,32 @@ def compare(outputs: dict, reference: dict) -> dict:
     }
 
 
-def run_e2e(*, methods, batches, paths=DEFAULT_PATHS, device="cpu", threads=None, warmup=2, runs=20,
-            size=INPUT_SIZE, weights=None, fused_options=None, gemm_n=2048, log=print) -> dict:
-    """Benchmark every (method, batch, path); return the JSON-ready result (see README)."""
-    if size != INPUT_SIZE:
-        raise ValueError(f"size: the models and the Decomposer take {INPUT_SIZE}x{INPUT_SIZE} images, not {size}")
-    unknown = [p for p in paths if p not in PATHS]
+def check_paths(paths, known, what: str = "path") -> None:
+    """ValueError naming the ``paths`` that are not among ``known``."""
+    unknown = [p for p in paths if p not in known]
     if unknown:
-        raise ValueError(f"paths: unknown path(s) {', '.join(unknown)}; choose from {', '.join(PATHS)}")
+        raise ValueError(f"paths: unknown {what}(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+
+
+def start_measuring(threads, gemm_n: int, device: str = "cpu", log=print) -> tuple[int, dict]:
+    """Pin the threads (None keeps torch's) and measure the fp32 GEMM rate the floors use;
+    returns ``(threads, gemm)``."""
     if threads is not None:
         torch.set_num_threads(int(threads))
     threads = torch.get_num_threads()
     log(f"measuring the fp32 GEMM rate ({gemm_n}^3, {threads} threads) ...")
     gemm = measure_gemm_rate(gemm_n, device=device)
     log(f"  {gemm['gflops_median']:.1f} GFLOP/s (median), {gemm['gflops_best']:.1f} best")
+    return threads, gemm
+
+
+def run_e2e(*, methods, batches, paths=DEFAULT_PATHS, device="cpu", threads=None, warmup=2, runs=20,
+            size=INPUT_SIZE, weights=None, fused_options=None, gemm_n=2048, log=print) -> dict:
+    """Benchmark every (method, batch, path); return the JSON-ready result (see README)."""
+    if size != INPUT_SIZE:
+        raise ValueError(f"size: the models and the Decomposer take {INPUT_SIZE}x{INPUT_SIZE} images, not {size}")
+    check_paths(paths, PATHS)
+    threads, gemm = start_measuring(threads, gemm_n, device, log)
     gen = torch.Generator().manual_seed(1234)
     results, models, group_rates = [], {}, []
     for method in methods:

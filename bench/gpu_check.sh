@@ -31,7 +31,7 @@ timeout 300 python -m pytest -q -p no:cacheprovider -m "gpu or not slow" \
 tests_rc=$?
 tail -15 "$OUT_DIR/tests.log"
 
-timeout 240 python -m sfs_fast.bench.op --device cuda --runs 30 --warmup 5 \
+timeout 240 python -m sfs_fast.bench.cli op --device cuda --runs 30 --warmup 5 \
     --json "$OUT_DIR/op_gpu.json" 2>"$OUT_DIR/bench.log"
 bench_rc=$?
 [ $bench_rc -ne 0 ] && tail -5 "$OUT_DIR/bench.log"

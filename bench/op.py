@@ -1,9 +1,8 @@
 """Micro benchmark of the fused shading op ``sh_shade``: every backend side by side, with the
 memory floor measured in the same run.
 
-    python -m sfs_fast.bench.op [--json OUT] [--runs R] [--warmup W] [--threads T]
-                                [--backends reference,compile,cpu] [--device cpu|cuda]
-    sfs-bench op ...            (the same, through the bench command)
+    sfs-bench op [--batch B,..] [--size S] [--paths reference,compile,cpu] [--device cpu|cuda]
+                 [--runs R] [--warmup W] [--threads T] [--json OUT]
 
 For each shape (default B=16x3x128x128 and B=4x3x512x512) and mode (forward; forward+backward)
 it times every backend (median, p10, p90 of >= 20 runs after warm-up, inputs rotated over
@@ -14,9 +13,6 @@ the reference in the same run, and prints the floor: the bytes the fused op must
 reference and to the floor.
 """
 from __future__ import annotations
-
-import argparse
-import sys
 
 import torch
 
@@ -168,66 +164,3 @@ def format_table(result: dict) -> str:
               for row in result["rows"] for n, r in row["backends"].items() if r["status"] == "failed"]
     text += [f"failed: {f}" for f in failed]
     return "\n".join(text)
-
-
-def bench_from_cli(args, log) -> dict:
-    """Entry for ``sfs-bench op`` (sfs_fast.bench.cli): --paths are backends, --device, --threads,
-    --warmup, --runs. Returns the result with its table under ``text``."""
-    result = run(backends=args.paths, runs=max(args.runs, 1), warmup=max(args.warmup, 1),
-                 threads=args.threads or 2, device=args.device, log=log)
-    result["text"] = format_table(result)
-    result["results"] = [{"method": "-", "batch": row["shape"][0], "path": f"{n} {row['mode']}",
-                          "status": r["status"], **({"reason": r["reason"]} if "reason" in r else {})}
-                         for row in result["rows"] for n, r in row["backends"].items()]
-    return result
-
-
-def main(argv=None) -> int:
-    from sfs_fast.cli.common import CommandError, add_debug_flag, run_command
-
-    p = argparse.ArgumentParser(prog="python -m sfs_fast.bench.op", description=__doc__.split("\n\n")[0])
-    p.add_argument("--json", default=None, metavar="OUT", help="write the result as JSON")
-    p.add_argument("--runs", type=int, default=20, help="timed runs per measurement (default 20)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed runs first (default 3)")
-    p.add_argument("--threads", type=int, default=2, help="intra-op threads (default 2)")
-    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--backends", default=None, help="comma-separated (default: all available here)")
-    p.add_argument("--shapes", default=None, metavar="BxCxHxW[,..]",
-                   help="shapes (default 16x3x128x128,4x3x512x512)")
-    p.add_argument("--modes", default=",".join(MODES), help="forward, forward+backward or both")
-    add_debug_flag(p)
-    args = p.parse_args(argv)
-
-    def go(a):
-        if a.runs < 1 or a.warmup < 0 or a.threads < 1:
-            raise CommandError("--runs and --threads must be >= 1, --warmup >= 0", 2)
-        if a.device == "cuda" and not torch.cuda.is_available():
-            raise CommandError("--device cuda: torch sees no CUDA device here", 2)
-        try:
-            shapes = DEFAULT_SHAPES if not a.shapes else [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
-        except ValueError:
-            raise CommandError(f"--shapes: expected BxCxHxW[,BxCxHxW], got {a.shapes!r}", 2) from None
-        if any(len(s) != 4 or s[1] != 3 for s in shapes):
-            raise CommandError("--shapes: each shape is Bx3xHxW", 2)
-        modes = [m.strip() for m in a.modes.split(",") if m.strip()]
-        if not modes or any(m not in MODES for m in modes):
-            raise CommandError(f"--modes: choose from {', '.join(MODES)}", 2)
-        backends = [b.strip() for b in a.backends.split(",")] if a.backends else None
-        log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
-        try:
-            result = run(shapes, backends, a.runs, a.warmup, a.threads, a.device, modes, log=log)
-        except ValueError as exc:
-            raise CommandError(str(exc), 2) from None
-        from . import env as env_mod
-        result["env"] = env_mod.capture(device=a.device, threads=torch.get_num_threads())
-        if a.json:
-            from .report import write_json
-            write_json(result, a.json)
-        print(format_table(result))
-        return 0
-
-    return run_command("python -m sfs_fast.bench.op", go, args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

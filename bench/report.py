@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
+
+from sfs_fast.atomic import atomic_destination, atomic_write
 
 COLUMNS = ("method", "batch", "path", "median ms", "ms/img", "p10", "p90", "min",
            "x eager", "x floor", "max|diff|", "worst % range", "recon % range", "note")
@@ -13,7 +13,7 @@ COLUMNS = ("method", "batch", "path", "median ms", "ms/img", "p10", "p90", "min"
 
 def write_json(result: dict, path) -> None:
     """Write ``result`` to ``path`` atomically (temporary file, then rename)."""
-    _write_atomic(path, json.dumps(result, indent=1, sort_keys=False, default=_json_default) + "\n")
+    write_text(path, json.dumps(result, indent=1, sort_keys=False, default=_json_default) + "\n")
 
 
 def _json_default(obj):
@@ -22,18 +22,9 @@ def _json_default(obj):
     return str(obj)
 
 
-def _write_atomic(path, text: str) -> None:
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".sfs-bench-", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+def write_text(path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically (sfs_fast.atomic)."""
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _fmt(x, spec=".1f"):
@@ -125,7 +116,7 @@ def markdown_table(result: dict, command: str | None = None) -> str:
 
 
 def write_markdown(result: dict, path, command: str | None = None) -> None:
-    _write_atomic(path, markdown_table(result, command))
+    write_text(path, markdown_table(result, command))
 
 
 def plot(result: dict, path) -> None:
@@ -161,13 +152,8 @@ def plot(result: dict, path) -> None:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(os.fspath(path)))
-    fd, tmp = tempfile.mkstemp(prefix=".sfs-bench-", suffix=".png", dir=folder)
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_destination(path) as tmp:  # the temporary name keeps the suffix: savefig's format
+            fig.savefig(tmp, dpi=110)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -1,7 +1,9 @@
 """Training-step benchmark: one optimizer step (forward, backward, Adam update) per method
-with the reference shading (plain PyTorch) against the fused op (``shading_backend="auto"``),
-to show what the kernel does for training. Both start from the same weights; their outputs
-and gradients are compared on the same batch before timing."""
+with the reference shading (plain PyTorch) against the fused op, to show what the kernel does
+for training. The paths are :data:`sfs_fast.plan.TRAIN_PLANS`: the shading backend of the
+named plan (``eager``: reference, ``fused``: auto) is the only difference; the training model
+gets it from :func:`sfs_fast.optimize.with_shading_backend`. Both start from the same
+weights; their outputs and gradients are compared on the same batch before timing."""
 from __future__ import annotations
 
 import copy
@@ -10,11 +12,15 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .e2e import INPUT_SIZE, ROTATED_INPUTS, compare, load_bench_model
-from .floors import compute_floor_ms, measure_gemm_rate
+from sfs_fast.optimize import with_shading_backend
+from sfs_fast.plan import TRAIN_PLANS, named_plan
+
+from .e2e import INPUT_SIZE, ROTATED_INPUTS, check_paths, compare, load_bench_model, start_measuring
+from .floors import compute_floor_ms
 from .timing import time_calls
 
-TRAIN_PATHS = {"reference": "reference", "fused": "auto"}  # path -> model.config.shading_backend
+# path -> the shading backend of its named plan
+TRAIN_PATHS = {path: named_plan(plan).shading_backend for path, plan in TRAIN_PLANS.items()}
 
 
 def step_loss(outputs: dict, x: torch.Tensor) -> torch.Tensor:
@@ -49,14 +55,8 @@ def run_train(*, methods, batches, paths=tuple(TRAIN_PATHS), threads=None, warmu
     quick checks; the floor is counted at the size used)."""
     if size < 8 or size % 4:
         raise ValueError(f"size: expected a multiple of 4, at least 8, got {size}")
-    unknown = [p for p in paths if p not in TRAIN_PATHS]
-    if unknown:
-        raise ValueError(f"paths: unknown train path(s) {', '.join(unknown)}; choose from {', '.join(TRAIN_PATHS)}")
-    if threads is not None:
-        torch.set_num_threads(int(threads))
-    threads = torch.get_num_threads()
-    log(f"measuring the fp32 GEMM rate ({gemm_n}^3, {threads} threads) ...")
-    gemm = measure_gemm_rate(gemm_n)
+    check_paths(paths, TRAIN_PATHS, "train path")
+    threads, gemm = start_measuring(threads, gemm_n, "cpu", log)
     gen = torch.Generator().manual_seed(4321)
     results, models = [], {}
     for method in methods:
@@ -74,8 +74,7 @@ def run_train(*, methods, batches, paths=tuple(TRAIN_PATHS), threads=None, warmu
                        "shading_backend": TRAIN_PATHS[path]}
                 results.append(row)
                 try:
-                    model = copy.deepcopy(base)
-                    model.config.shading_backend = TRAIN_PATHS[path]
+                    model = with_shading_backend(base, TRAIN_PATHS[path])
                     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
 
                     def step(x, model=model, opt=opt):

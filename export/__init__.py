@@ -9,8 +9,8 @@ onnxruntime and numpy; the exporter (torch, onnx, onnxslim) is imported on first
 """
 from .runner import OnnxRunner, read_onnx_metadata, select_providers
 
-_EXPORTER_NAMES = ("export_onnx", "verify", "ExportResult", "ParityError", "DEFAULT_OPSET", "DEFAULT_ATOL",
-                   "MIN_OPSET", "MAX_OPSET", "PRECISIONS")
+_EXPORTER_NAMES = ("export_onnx", "export_session", "verify", "ExportResult", "ParityError", "DEFAULT_OPSET",
+                   "DEFAULT_ATOL", "MIN_OPSET", "MAX_OPSET", "ONNX_PRECISIONS")
 
 __all__ = ["OnnxRunner", "read_onnx_metadata", "select_providers", *_EXPORTER_NAMES]
 

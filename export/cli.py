@@ -42,8 +42,9 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sfs_fast.plan import INT8_LAYERS, add_plan_arguments
+
     from .onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
-    from .precision import INT8_LAYERS
 
     p = argparse.ArgumentParser(prog="sfs-export", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,8 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     prec = p.add_mutually_exclusive_group()
     prec.add_argument("--fp16", action="store_true", help="float16 weights and activations (float32 I/O)")
     prec.add_argument("--int8", action="store_true", help="static int8 quantization (QDQ, per-channel)")
-    prec.add_argument("--precision", choices=["fp32", "fp16", "int8"], default=None,
-                      help="the same as --fp16/--int8 (fp32 default), named as in sfs-decompose and sfs-bench")
+    add_plan_arguments(prec, flags=("precision",), onnx_precisions=True)  # an ONNX file's precisions
     p.add_argument("--int8-layers", choices=INT8_LAYERS, default=None,
                    help="int8: quantize only the convolutions whose error stays within the accuracy budget "
                         "(default), or every convolution but the 3-channel outputs (faster, over budget)")

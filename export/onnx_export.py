@@ -8,9 +8,8 @@ The graph: input ``image`` float32 ``[B,3,128,128]`` RGB in [0,1]; outputs named
 operators: Mul, Sqrt, MatMul, ...), so the file needs no custom-operator library.
 
 Why the TorchScript-based exporter (``dynamo=False``): on this model it writes the same graph
-in about a twentieth of the time of the dynamo exporter (0.5 s against 4-30 s measured), and
-both match eager PyTorch to 1e-7 in ONNX Runtime, grouped ConvTranspose and the 64x64 light
-average included.
+in a small fraction of the dynamo exporter's time, and both match eager PyTorch in ONNX
+Runtime, grouped ConvTranspose and the 64x64 light average included (bench/README.md).
 
 Parity: every export is run in ONNX Runtime on fresh random inputs at two batch sizes and
 compared with the PyTorch model (float32, reference shading). Per output it reports
@@ -21,7 +20,6 @@ for larger ones; for int8 ``mean_abs`` takes the place of ``max_abs``, see
 """
 from __future__ import annotations
 
-import copy
 import io
 import json
 import os
@@ -34,7 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sfs_fast.atomic import atomic_destination, atomic_write
 from sfs_fast.models import SfSNetModel, output_names
+from sfs_fast.optimize import eager_reference
+from sfs_fast.plan import INT8_LAYERS, ONNX_PRECISIONS
+from sfs_fast.precision import output_error
 from sfs_fast.sh import CONVENTION
 from sfs_fast.weights import INPUT
 
@@ -44,11 +46,10 @@ DEFAULT_OPSET = 17
 # ReduceMean/Resize/ConvTranspose forms the graph uses are all there from 13 on; the
 # TorchScript exporter writes at most opset 20.
 MIN_OPSET, MAX_OPSET = 13, 20
-PRECISIONS = ("fp32", "fp16", "int8")
-# Parity bounds (see the module docstring). fp16 keeps float32 inputs and outputs but runs
-# weights and activations in half: measured max errors 1e-3 to 7e-3 on calibrated random
-# models, up to 4e-2 where raw normals are short. Static int8 quantizes the convolutions
-# (per-channel weights, calibrated activations): measured mean errors 0.3-6% of the range.
+# Parity bounds (see the module docstring), set above the errors each precision shows on
+# calibrated random models (bench/README.md, "Lab notes"): fp16 runs weights and activations
+# in half (its max error grows where raw normals are short); static int8 quantizes the
+# convolutions, so its mean error is bounded instead (see CRITERION).
 DEFAULT_ATOL = {"fp32": 1e-4, "fp16": 5e-2, "int8": 1e-1}
 # Which error the bound applies to: the max over all pixels, or (int8) the mean. A quantized
 # trunk moves every feature a little; where a raw normal is short, normalizing it turns that
@@ -104,9 +105,7 @@ def export_model_copy(model: SfSNetModel) -> SfSNetModel:
     that exports as standard operators); the caller's model is not touched."""
     if not isinstance(model, SfSNetModel):
         raise ValueError(f"model: expected an SfSNet model (build_model / weights.load), got {type(model).__name__}")
-    m = copy.deepcopy(model).cpu().float().eval()
-    m.config.shading_backend = "reference"
-    return m
+    return eager_reference(model).cpu().float().eval()
 
 
 def _versions() -> dict:
@@ -185,21 +184,17 @@ def random_images(batch: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def compare_outputs(ort_out: dict, ref_out: dict, atol: float, criterion: str = "max") -> dict:
-    """Per output ``{max_abs, max_rel, mean_abs, bound, ok}`` (see the module docstring);
-    ``criterion`` says which of max_abs or mean_abs must stay within the bound."""
+    """Per output ``{max_abs, max_rel, mean_abs, bound, ok}`` (see the module docstring),
+    from :func:`sfs_fast.precision.output_error`; ``criterion`` says which of max_abs or
+    mean_abs must stay within the bound."""
     report = {}
     for name, ref in ref_out.items():
-        ref = np.asarray(ref, dtype=np.float64)
-        got = np.asarray(ort_out[name], dtype=np.float64)
-        if got.shape != ref.shape:
-            report[name] = {"max_abs": float("inf"), "max_rel": float("inf"), "bound": atol, "ok": False,
-                            "note": f"shape {list(got.shape)} vs {list(ref.shape)}"}
+        err = output_error(ort_out[name], ref)
+        if err["shape"]:
+            report[name] = {"max_abs": float("inf"), "max_rel": float("inf"), "mean_abs": float("inf"),
+                            "bound": atol, "ok": False, "note": err["shape"]}
             continue
-        scale = float(np.abs(ref).max()) if ref.size else 0.0
-        diff = float(np.abs(got - ref).max()) if ref.size else 0.0
-        if not np.isfinite(got).all():
-            diff = float("inf")
-        mean = float(np.abs(got - ref).mean()) if ref.size else 0.0
+        scale, diff, mean = err["ref_max_abs"], err["max_abs"], err["mean_abs"]
         bound = atol * max(1.0, scale)
         measured = mean if criterion == "mean" else diff
         report[name] = {"max_abs": diff, "max_rel": diff / scale if scale > 0 else diff, "mean_abs": mean,
@@ -238,16 +233,6 @@ def format_parity(parity: dict) -> list[str]:
     return [f"  {n:<{width}}  max abs {r['max_abs']:.2e}  rel {r['max_rel']:.2e}  mean abs {r['mean_abs']:.1e}  "
             f"(bound {r['bound']:.1e})  "
             f"{'ok' if r['ok'] else 'FAIL'}" for n, r in parity.items()]
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def check_output_path(path) -> Path:
@@ -290,19 +275,52 @@ def export_onnx(model: SfSNetModel, path, *, opset: int = DEFAULT_OPSET, batch: 
             fresh draws for a fixed batch ``B``).
         source_sha256: hash of the checkpoint the weights came from (for the metadata).
         calibration: int8 only, ``[N,3,128,128]`` float32 images (default
-            :func:`sfs_fast.export.precision.calibration_images`).
+            :func:`sfs_fast.export.quantize.calibration_images`).
         int8_layers: int8 only, which convolutions are quantized:
             ``budget`` (within the accuracy budget) or ``all``
-            (:data:`sfs_fast.export.precision.INT8_LAYERS`).
+            (:data:`sfs_fast.plan.INT8_LAYERS`).
         log: a ``print``-like callable for progress lines, or None for silence.
 
     Returns an :class:`ExportResult`. Raises :class:`ParityError` (the file renamed
     ``*.failed.onnx``) when ONNX Runtime and PyTorch disagree beyond ``atol``.
     """
-    import onnx
+    opset, batch, atol, verify_batches = _check_export_args(precision, opset, batch, atol, verify_batches,
+                                                            int8_layers)
+    path = check_output_path(path)
+    say = log or (lambda *a, **k: None)
+    ref = export_model_copy(model)
+    t0 = time.perf_counter()
+    proto = _build_graph(ref, opset=opset, batch=batch, precision=precision, simplify_graph=simplify_graph,
+                         calibration=calibration, int8_layers=int8_layers)
+    meta = export_metadata(ref, opset=opset, precision=precision, batch=batch, source_sha256=source_sha256,
+                           extra={"int8_layers": int8_layers} if precision == "int8" else None)
+    set_metadata(proto, meta)
+    _check_graph(proto)
+    export_seconds = time.perf_counter() - t0
+    result = ExportResult(str(path), ref.method, precision, opset, batch, 0, export_seconds, 0.0,
+                          atol, list(verify_batches))
+    _verify_and_write(proto, meta, ref, path, result, seed=seed, say=say)
+    result.size_bytes = path.stat().st_size
+    if sidecar:
+        side = path.with_suffix(".json")
+        text = json.dumps({**meta, "file": path.name, "size_bytes": result.size_bytes}, indent=2) + "\n"
+        atomic_write(side, lambda f: f.write(text.encode()))
+        result.sidecar = str(side)
+    say(f"wrote {path} (method {ref.method}, {precision}, opset {opset}, "
+        f"{'dynamic batch' if batch is None else f'batch {batch}'}, {result.size_bytes / 1e6:.1f} MB, "
+        f"export {export_seconds:.1f} s, verify {result.verify_seconds:.1f} s)")
+    say(f"parity vs PyTorch at batch {', '.join(map(str, verify_batches))} (atol {atol:g}):")
+    for line in format_parity(result.parity):
+        say(line)
+    return result
 
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: expected one of {PRECISIONS}, got {precision!r}")
+
+def _check_export_args(precision, opset, batch, atol, verify_batches, int8_layers):
+    """The export settings checked and defaulted: ``(opset, batch, atol, verify_batches)``."""
+    if precision not in ONNX_PRECISIONS:
+        raise ValueError(f"precision: expected one of {ONNX_PRECISIONS}, got {precision!r}")
+    if int8_layers not in INT8_LAYERS:
+        raise ValueError(f"int8_layers: expected one of {', '.join(INT8_LAYERS)}, got {int8_layers!r}")
     opset = int(opset)
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise ValueError(f"opset: {opset} is not supported; use {MIN_OPSET} to {MAX_OPSET} (default {DEFAULT_OPSET})")
@@ -314,76 +332,85 @@ def export_onnx(model: SfSNetModel, path, *, opset: int = DEFAULT_OPSET, batch: 
         verify_batches = (1, 5) if batch is None else (batch, batch)
     elif batch is not None and any(b != batch for b in verify_batches):
         raise ValueError(f"verify_batches: a batch-{batch} export runs only batch {batch}")
-    path = check_output_path(path)
-    say = log or (lambda *a, **k: None)
-    ref = export_model_copy(model)
+    return opset, batch, atol, verify_batches
 
-    t0 = time.perf_counter()
+
+def _build_graph(ref, *, opset, batch, precision, simplify_graph, calibration, int8_layers):
+    """The traced, simplified and precision-converted ``ModelProto`` of ``ref``."""
     proto = trace_to_onnx(ref, opset=opset, batch=batch)
     if simplify_graph:
         proto = simplify(proto)
     if precision == "fp16":
-        from .precision import to_float16
+        from .quantize import to_float16
 
         proto = to_float16(proto)
     elif precision == "int8":
-        from .precision import calibration_images, quantize_int8
+        from .quantize import calibration_images, quantize_int8
 
         if calibration is None:
             calibration = calibration_images()
         proto = quantize_int8(proto, calibration, batch=batch, layers=int8_layers)
-    meta = export_metadata(ref, opset=opset, precision=precision, batch=batch, source_sha256=source_sha256,
-                           extra={"int8_layers": int8_layers} if precision == "int8" else None)
-    set_metadata(proto, meta)
+    return proto
+
+
+def _check_graph(proto) -> None:
+    import onnx
+
     try:
         onnx.checker.check_model(proto, full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise RuntimeError(f"onnx.checker rejects the exported graph: {str(exc).splitlines()[0]}") from exc
-    export_seconds = time.perf_counter() - t0
 
-    tmp = path.with_name(f".{path.stem}.tmp.onnx")
-    try:
+
+def _verify_and_write(proto, meta, ref, path: Path, result: ExportResult, *, seed, say) -> None:
+    """Verify ``proto`` in ONNX Runtime against ``ref`` and write it to ``path`` with the
+    measured parity in its metadata (atomically); on a failure keep it as
+    ``*.failed.onnx`` and raise :class:`ParityError`."""
+    import onnx
+
+    from sfs_fast.samples import face_like_images
+
+    precision, atol = result.precision, result.atol
+    with atomic_destination(path) as tmp:
         onnx.save(proto, str(tmp))
         t1 = time.perf_counter()
-        inputs = None
-        if precision == "int8":
-            from .precision import face_like_images
-
-            inputs = face_like_images
-        parity = verify(tmp, ref, batches=verify_batches, atol=atol, seed=seed, inputs=inputs,
-                        criterion=CRITERION[precision])
-        verify_seconds = time.perf_counter() - t1
-        passed = all(r["ok"] for r in parity.values())
-        meta["parity"] = {"atol": atol, "criterion": CRITERION[precision], "batches": list(verify_batches),
+        parity = verify(tmp, ref, batches=result.verify_batches, atol=atol, seed=seed,
+                        inputs=face_like_images if precision == "int8" else None, criterion=CRITERION[precision])
+        result.verify_seconds = time.perf_counter() - t1
+        result.parity, result.passed = parity, all(r["ok"] for r in parity.values())
+        meta["parity"] = {"atol": atol, "criterion": CRITERION[precision], "batches": list(result.verify_batches),
                           "inputs": "face-like synthetic" if precision == "int8" else "uniform random",
-                          "outputs": {n: {k: r[k] for k in ("max_abs", "max_rel", "mean_abs")} for n, r in parity.items()}}
+                          "outputs": {n: {k: r[k] for k in ("max_abs", "max_rel", "mean_abs")}
+                                      for n, r in parity.items()}}
         set_metadata(proto, meta)
-        result = ExportResult(str(path), ref.method, precision, opset, batch, 0, export_seconds, verify_seconds,
-                              atol, list(verify_batches), parity, passed)
-        if not passed:
+        if not result.passed:
             failed = path.with_name(f"{path.stem}.failed.onnx")
-            onnx.save(proto, str(failed))
-            tmp.unlink(missing_ok=True)
+            with atomic_destination(failed) as failed_tmp:
+                onnx.save(proto, str(failed_tmp))
             result.path = str(failed)
             for line in format_parity(parity):
                 say(line)
             bad = ", ".join(n for n, r in parity.items() if not r["ok"])
             raise ParityError(f"method {ref.method} {precision}: ONNX Runtime differs from PyTorch beyond "
                               f"atol {atol:g} on {bad}; kept as {failed}")
-        onnx.save(proto, str(tmp))
-        os.replace(tmp, path)
+        onnx.save(proto, str(tmp))  # again, now with the parity in its metadata
+
+
+def export_session(model: SfSNetModel, path=None, *, device="cpu", threads=None, providers=None,
+                   **export_options) -> OnnxRunner:
+    """Export ``model`` (verified, :func:`export_onnx`) and open it in an :class:`OnnxRunner`:
+    the ``Decomposer``'s ``onnx`` backend for a model. With ``path=None`` the file goes to a
+    temporary folder that is removed once the session holds the model."""
+    import shutil
+
+    export_options.setdefault("verify_batches", (1, 2))
+    if path is not None:
+        export_onnx(model, path, log=None, **export_options)
+        return OnnxRunner(path, device=device, threads=threads, providers=providers)
+    folder = tempfile.mkdtemp(prefix="sfs_fast_onnx_")
+    try:
+        target = os.path.join(folder, f"method{model.method}.onnx")
+        export_onnx(model, target, log=None, sidecar=False, **export_options)
+        return OnnxRunner(target, device=device, threads=threads, providers=providers)
     finally:
-        tmp.unlink(missing_ok=True)
-    result.size_bytes = path.stat().st_size
-    if sidecar:
-        side = path.with_suffix(".json")
-        _atomic_write_bytes(side, (json.dumps({**meta, "file": path.name, "size_bytes": result.size_bytes},
-                                              indent=2) + "\n").encode())
-        result.sidecar = str(side)
-    say(f"wrote {path} (method {ref.method}, {precision}, opset {opset}, "
-        f"{'dynamic batch' if batch is None else f'batch {batch}'}, {result.size_bytes / 1e6:.1f} MB, "
-        f"export {export_seconds:.1f} s, verify {verify_seconds:.1f} s)")
-    say(f"parity vs PyTorch at batch {', '.join(map(str, verify_batches))} (atol {atol:g}):")
-    for line in format_parity(parity):
-        say(line)
-    return result
+        shutil.rmtree(folder, ignore_errors=True)

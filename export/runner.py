@@ -1,7 +1,8 @@
 """ONNX Runtime sessions for exported files: ``OnnxRunner``.
 
-This module needs only ``onnxruntime`` and ``numpy`` (torch is imported lazily, by
-``OnnxRunner.from_model`` alone), so a deployment can run an exported file without torch.
+This module needs only ``onnxruntime`` and ``numpy``, so a deployment can run an exported
+file without torch; exporting a model and opening it in one step is
+:func:`sfs_fast.export.onnx_export.export_session`.
 
     runner = OnnxRunner("method3.onnx", threads=2)
     out = runner.run(images)          # images float32 [B,3,128,128] RGB in [0,1]
@@ -141,29 +142,6 @@ class OnnxRunner:
         return {n: np.asarray(v, dtype=np.float32) for n, v in zip(self.output_names, values)}
 
     __call__ = run
-
-    @classmethod
-    def from_model(cls, model, path=None, device="cpu", threads=None, **export_options):
-        """Export ``model`` (verified, see :func:`sfs_fast.export.export_onnx`) and open it.
-
-        With ``path=None`` the file goes to a temporary folder that is removed once the
-        session holds the model."""
-        import shutil
-        import tempfile
-
-        from .onnx_export import export_onnx
-
-        export_options.setdefault("verify_batches", (1, 2))
-        if path is not None:
-            export_onnx(model, path, log=None, **export_options)
-            return cls(path, device=device, threads=threads)
-        folder = tempfile.mkdtemp(prefix="sfs_fast_onnx_")
-        try:
-            target = os.path.join(folder, f"method{model.method}.onnx")
-            export_onnx(model, target, log=None, sidecar=False, **export_options)
-            return cls(target, device=device, threads=threads)
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
 
     def __repr__(self):
         return f"OnnxRunner({self.path!r}, method={self.method}, providers={self.providers})"

@@ -1,8 +1,11 @@
-"""Inference rewrites of a model, each explicit and switchable: BatchNorm folding and
-channels-last memory format. They return new modules and never touch the original."""
+"""Inference rewrites of a model, each explicit and switchable: BatchNorm folding, the heads'
+1x1 convolution before their upsampling, channels-last memory format, and the shading op's
+backend (:func:`with_shading_backend`, :func:`eager_reference`). They return new modules and
+never touch the original."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 import torch.nn as nn
@@ -113,6 +116,23 @@ def optimize_for_inference(model: nn.Module, **options) -> nn.Module:
         out = conv_before_upsample(out)
     if opts["channels_last"]:
         out = to_channels_last(out)
-    if hasattr(out, "config"):
-        out.config.shading_backend = opts["shading_backend"]
+    return with_shading_backend(out, opts["shading_backend"], copy_model=False)
+
+
+def with_shading_backend(model: nn.Module, backend: str, *, copy_model: bool = True) -> nn.Module:
+    """A copy of ``model`` whose forward shades with ``backend`` (a name of
+    ``sfs_fast.kernels.BACKENDS`` or ``auto``); weights, mode and device kept. The one place
+    that sets a model's shading backend: the config is replaced, never edited, so a model
+    shared with a caller keeps its own. A module without a config is returned as it is
+    (copied unless ``copy_model=False``)."""
+    out = copy.deepcopy(model) if copy_model else model
+    config = getattr(out, "config", None)
+    if config is not None:
+        out.config = dataclasses.replace(config, shading_backend=backend)  # validated again
     return out
+
+
+def eager_reference(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with the reference shading (plain PyTorch): the eager baseline every
+    other path is compared with, and the form that exports to standard ONNX operators."""
+    return with_shading_backend(model, "reference")

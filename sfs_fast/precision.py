@@ -7,10 +7,11 @@ PyTorch low-precision models the ``Decomposer`` runs.
     with forced_capabilities(bf16=False):         # pretend a CPU without AMX (tests)
         ...
 
-Precisions (``PRECISIONS``): ``fp32``; ``bf16`` (PyTorch: CPU with AMX / AVX512-BF16, or
-CUDA); ``fp16`` (PyTorch on CUDA; ONNX Runtime); ``int8`` (ONNX Runtime static QDQ, the
-quantization of :mod:`sfs_fast.export.precision`); ``auto`` (the fastest path the device
-supports that meets the budget on check images, decided by the ``Decomposer``).
+Precisions (:data:`sfs_fast.plan.PRECISIONS`, which backend runs which is
+:func:`sfs_fast.plan.resolve_plan`'s business): ``fp32``; ``bf16`` (PyTorch: CPU with AMX /
+AVX512-BF16, or CUDA); ``fp16`` (PyTorch on CUDA; ONNX Runtime); ``int8`` (ONNX Runtime
+static QDQ, the quantization of :mod:`sfs_fast.export.quantize`); ``auto`` (the fastest path
+the device supports that meets the budget on check images: :func:`sfs_fast.decomposer.auto_plan`).
 
 The accuracy budget (:data:`BUDGET`), against the float32 outputs of the same weights on
 the same images:
@@ -25,7 +26,7 @@ the same images:
 Outputs a method does not have are skipped; the other outputs (``residue``,
 ``sh_shading``, ...) are measured the same way as the images and reported, not gated.
 
-This module imports torch only (the ONNX parts live in :mod:`sfs_fast.export.precision`).
+This module imports torch only (the ONNX parts live in :mod:`sfs_fast.export.quantize`).
 """
 from __future__ import annotations
 
@@ -38,7 +39,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-PRECISIONS = ("fp32", "bf16", "fp16", "int8", "auto")
+from sfs_fast.plan import AUTO_ORDER
+
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 BUDGET = {
@@ -54,7 +56,10 @@ RANGE_GATED = ("albedo", "shading", "recon")
 # The accuracy budget
 
 
-def _unit(n: torch.Tensor) -> torch.Tensor:
+def unit_normals(n: torch.Tensor) -> torch.Tensor:
+    """``[B,3,H,W]`` normals scaled to unit length in float64. For measuring: unlike the
+    model's ``sfs_fast.sh.normalize_normal`` (``n / (|n| + 1e-8)``) a unit normal stays
+    exactly unit here, so identical maps are 0 degrees apart, not 0.01."""
     n = n.double()
     return n / (n * n).sum(1, keepdim=True).sqrt().clamp_min(1e-12)
 
@@ -62,8 +67,31 @@ def _unit(n: torch.Tensor) -> torch.Tensor:
 def normal_angles_deg(normal: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Per-pixel angle in degrees (float64, flattened) between two ``[B,3,H,W]`` normal
     maps (each normalized here, so raw maps work too)."""
-    cos = (_unit(normal) * _unit(reference)).sum(1).clamp(-1.0, 1.0)
+    cos = (unit_normals(normal) * unit_normals(reference)).sum(1).clamp(-1.0, 1.0)
     return torch.rad2deg(torch.acos(cos)).flatten()
+
+
+def output_error(got, ref) -> dict:
+    """How far ``got`` is from ``ref`` (tensors or arrays of one output), in float64: the one
+    element-wise comparison that :func:`check_budget`, the ONNX exporter's parity check and
+    ``sfs-bench`` all build on.
+
+    Returns ``{"shape": None or a mismatch message, "finite": bool, "max_abs", "mean_abs",
+    "ref_max_abs" (max |ref|), "ref_span" (max - min of ref)}``; ``max_abs`` is inf when
+    ``got`` has a non-finite value."""
+    got = torch.as_tensor(got).detach().cpu().double()
+    ref = torch.as_tensor(ref).detach().cpu().double()
+    if got.shape != ref.shape:
+        return {"shape": f"shape {tuple(got.shape)} vs {tuple(ref.shape)}", "finite": False,
+                "max_abs": math.inf, "mean_abs": math.inf, "ref_max_abs": 0.0, "ref_span": 0.0}
+    finite = bool(torch.isfinite(got).all())
+    if not ref.numel():
+        return {"shape": None, "finite": finite, "max_abs": 0.0, "mean_abs": 0.0, "ref_max_abs": 0.0,
+                "ref_span": 0.0}
+    diff = (got - ref).abs()
+    return {"shape": None, "finite": finite, "max_abs": float(diff.max()) if finite else math.inf,
+            "mean_abs": float(diff.mean()), "ref_max_abs": float(ref.abs().max()),
+            "ref_span": float(ref.max() - ref.min())}
 
 
 def check_budget(outputs: dict, reference: dict, budget: dict | None = None) -> dict:
@@ -85,26 +113,23 @@ def check_budget(outputs: dict, reference: dict, budget: dict | None = None) -> 
     for name, ref in reference.items():
         if name not in outputs:
             continue
-        got = torch.as_tensor(outputs[name]).detach().cpu().double()
-        ref = torch.as_tensor(ref).detach().cpu().double()
-        if got.shape != ref.shape:
-            failures.append(f"{name}: shape {tuple(got.shape)} vs {tuple(ref.shape)}")
-            continue
-        if not torch.isfinite(got).all():
+        err = output_error(outputs[name], ref)
+        if err["shape"]:
+            failures.append(f"{name}: {err['shape']}")
+        elif not err["finite"]:
             failures.append(f"{name}: non-finite values")
             metrics[f"{name}_nonfinite"] = True
-            continue
-        if name == "normal":
-            median, p99 = np.percentile(normal_angles_deg(got, ref).numpy(), [50, 99])
+        elif name == "normal":
+            median, p99 = np.percentile(normal_angles_deg(outputs[name], ref).numpy(), [50, 99])
             gate("normal_median_deg", float(median), limits["normal_median_deg"])
             gate("normal_p99_deg", float(p99), limits["normal_p99_deg"])
         elif name == "light":
-            err = (got - ref).flatten(1).norm(dim=1) / ref.flatten(1).norm(dim=1).clamp_min(1e-12)
-            gate("light_rel", float(err.max()), limits["light_rel"])
-        elif ref.numel():
-            span = float(ref.max() - ref.min())
-            err = float((got - ref).abs().max())
-            value = err / span if span > 0 else (0.0 if err == 0 else math.inf)
+            got, want = (torch.as_tensor(t).detach().cpu().double().flatten(1) for t in (outputs[name], ref))
+            rel = (got - want).norm(dim=1) / want.norm(dim=1).clamp_min(1e-12)
+            gate("light_rel", float(rel.max()), limits["light_rel"])
+        elif torch.as_tensor(ref).numel():
+            span, value = err["ref_span"], err["max_abs"]
+            value = value / span if span > 0 else (0.0 if value == 0 else math.inf)
             if name in RANGE_GATED:
                 gate(f"{name}_range", value, limits["range_fraction"])
             else:
@@ -226,22 +251,16 @@ def float_islands(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> list
 
     float16 (10 mantissa bits): the convolutions with 3 input or output channels (the one
     reading the image, and the last layer of every head: its output *is* the normal, albedo,
-    residue or shading) and the linear layers. Measured on the demo weights (methods 0/3, 8
-    check images): albedo 0.41% / 0.60% of range, light 0.32%, within budget.
+    residue or shading) and the linear layers: within budget on the demo weights.
 
     bfloat16 (7 mantissa bits), the default: for a model with an ``ENCODER`` (the SfSNet
     models: the shared convolutions and the residual trunks, all at 64x64 but the first two
     layers, about 80% of the FLOPs), every layer outside it: the generation nets, the light estimator and the shading heads, whose
     outputs are the results themselves, so a rounding step there is an error in an output.
     Inside the encoder, the convolution that reads the image (the picture is not rounded to
-    8 significant bits). Any other model gets the float16 rule.
-
-    Measured on the demo weights (method 0 / method 3, the 8 check images, bf16): with only
-    the input, 3-channel output and linear layers in float32, albedo was off by 2.0% / 5.9%
-    of its range; the albedo generation net in float32 brings that to 0.5% / 0.3%, the light
-    estimator's convolution in float32 takes the light from 1.8% to 0.4%, and the normal
-    generation net and the residue head take the worst shading pixel from 0.95% to 0.79%
-    (method 0) and 1.7% to 0.5% (method 3).
+    8 significant bits). Any other model gets the float16 rule. The float16 rule alone puts
+    bf16 over the budget on the demo weights; each float32 island of the bf16 rule was kept
+    for the error it removes (figures in bench/README.md, "Lab notes").
     """
     encoder = getattr(model, "ENCODER", None) if dtype == torch.bfloat16 else None
     names = []
@@ -266,8 +285,8 @@ def to_low_precision(model: nn.Module, dtype: torch.dtype, *, keep_float: bool =
     shading op and the reconstruction run in float32. BatchNorm
     layers keep float32 parameters (running statistics, scale, shift) and take the dtype of
     their input: rounding those to bf16 shifts whole channels the same way in every image,
-    an error the light's global average does not wash out (measured: light 1.8% off with
-    bf16 BatchNorm parameters, against 0.4% with float32 ones). Memory format and rewrites
+    an error the light's global average does not wash out (bench/README.md, "Lab notes").
+    Memory format and rewrites
     of ``model`` are kept; the image may be passed in float32 or ``dtype``.
     """
     out = copy.deepcopy(model).eval()
@@ -287,60 +306,19 @@ def to_low_precision(model: nn.Module, dtype: torch.dtype, *, keep_float: bool =
 def _float_output(module, args, output):
     """Forward hook: the module hands float32 on. On the encoder's parts this keeps the
     residual trunks' running sums in float32 (a bf16 block output plus a float32 input is
-    float32): a bf16 sum over five blocks drops the small updates. Measured on 46 faces
-    (40 synthetic, 6 examples) one at a time, method 0: worst albedo 0.77% -> 0.27% of range,
-    worst shading 1.06% -> 0.90%."""
+    float32): a bf16 sum over five blocks drops the small updates (bench/README.md, "Lab
+    notes")."""
     return output.float()
 
 
 # ---------------------------------------------------------------------------------------
 # Which backend runs which precision, and the ``auto`` choice
 
-# The paths ``auto`` tries, fastest first (measured on this machine: ``sfs-bench accuracy``
-# / ``sfs-bench e2e``); each is taken only where :func:`capabilities` says the hardware has
-# it and only when it meets the budget on the check images. fp32 closes every list.
-AUTO_ORDER = {
-    # measured 2026-11-29 (bench/README.md), batch 16, 2 threads, ms/img method 0 / 3: bf16
-    # 105 / 119, ORT int8 137 / 229, fused fp32 272 / 361 (ORT fp32 162 / 241)
-    "cpu": (("fused", "bf16"), ("onnx", "int8"), ("fused", "fp32")),
-    "cuda": (("fused", "fp16"), ("fused", "bf16"), ("fused", "fp32")),
-}
-
-
-def resolve(precision: str | None, backend: str | None, device="cpu") -> tuple[str, str]:
-    """``(backend, precision)`` once defaults are filled in, or ValueError for a pair that
-    does not exist. ``precision`` None means fp32; ``backend`` None means ``fused``, or
-    ``onnx`` for int8 (ONNX Runtime is the int8 path). ``auto`` is returned as is, with
-    ``backend`` None when none was given (auto then chooses among all backends)."""
-    precision = precision or "fp32"
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision: unknown precision {precision!r}; choose from {', '.join(PRECISIONS)}")
-    if precision == "auto":  # no backend given: auto may take any (int8 is onnx, bf16 fused)
-        return backend, precision
-    if backend is None:
-        backend = "onnx" if precision == "int8" else "fused"
-    kind = torch.device(device).type
-    if precision in ("fp32", "auto"):
-        return backend, precision
-    if backend == "eager":
-        raise ValueError(f"precision: the eager backend is the float32 baseline; run {precision} with "
-                         "backend fused, compile or onnx")
-    if precision == "int8" and backend != "onnx":
-        raise ValueError("precision: int8 runs through ONNX Runtime (static QDQ); use backend onnx")
-    if precision == "int8" and kind == "cuda":
-        raise ValueError("precision: int8 is a CPU path (ONNX Runtime CPU provider); use fp16 or bf16 on CUDA")
-    if precision == "bf16" and backend == "onnx":
-        raise ValueError("precision: bf16 is a PyTorch path; use backend fused or compile (or int8/fp16 with onnx)")
-    if precision == "fp16" and backend != "onnx" and kind != "cuda":
-        raise ValueError("precision: PyTorch fp16 needs CUDA (the CPU has no fast fp16 convolution); "
-                         "use bf16 on the CPU, or backend onnx for an fp16 ONNX file")
-    return backend, precision
-
-
 def auto_candidates(backend: str | None, device="cpu") -> list[tuple[str, str]]:
     """The ``(backend, precision)`` pairs ``auto`` tries on ``device``, fastest first: those
-    of :data:`AUTO_ORDER` the hardware supports (:func:`capabilities`), restricted to
-    ``backend`` when one is given (``compile`` takes the ``fused`` entries), fp32 last."""
+    of :data:`sfs_fast.plan.AUTO_ORDER` the hardware supports (:func:`capabilities`),
+    restricted to ``backend`` when one is given (``compile`` takes the ``fused`` entries),
+    fp32 last."""
     kind = torch.device(device).type
     caps = capabilities(device)
     out = []
@@ -365,30 +343,14 @@ def auto_candidates(backend: str | None, device="cpu") -> list[tuple[str, str]]:
     return out
 
 
-AUTO_CHECK_IMAGES = 8  # images ``auto`` checks each candidate on
-
-
-def check_images(count: int = AUTO_CHECK_IMAGES, seed: int = 0) -> torch.Tensor:
-    """The images ``auto`` and ``sfs-bench accuracy`` check a path on: the bundled example
-    faces (``examples/faces`` of the source tree; may be absent in an installed package)
-    and procedural synthetic faces, ``[count,3,128,128]`` float32. They share nothing with
-    the int8 calibration set of :mod:`sfs_fast.export.precision` beyond the example faces."""
-    import numpy as np
-
-    from sfs_fast.export.precision import example_faces, face_like_images
-
-    faces = example_faces()[: max(count - 2, 0)]
-    synth = face_like_images(count - len(faces), np.random.default_rng(10_000 + seed))
-    return torch.from_numpy(np.ascontiguousarray(np.concatenate([faces, synth]).astype(np.float32)))
+AUTO_CHECK_IMAGES = 8  # images ``auto`` checks each candidate on (sfs_fast.samples.check_images)
 
 
 def reference_outputs(model: nn.Module, images: torch.Tensor) -> dict:
     """The float32 outputs of ``model`` (as built, CPU, reference shading) on ``images``:
     what every low-precision path is held against."""
-    from sfs_fast.models import build_model
+    from sfs_fast.optimize import eager_reference
 
-    ref = build_model(model.method, **{**model.config.to_dict(), "shading_backend": "reference"})
-    ref.load_state_dict(model.state_dict())
-    ref = ref.float().cpu().eval()
+    ref = eager_reference(model).float().cpu().eval()
     with torch.inference_mode():
         return {k: v.float() for k, v in ref(images.float()).items()}

@@ -46,17 +46,16 @@ def make_decomposer(args, prog: str):
     --device --threads``) ask for; its notes (random weights, emulated precision) are printed
     as ``PROG: note: ...`` lines, its warnings not repeated."""
     from sfs_fast.decomposer import Decomposer
+    from sfs_fast.plan import plan_from_args
 
-    precision = getattr(args, "precision", None)
-    backend = args.backend or ("onnx" if args.onnx or precision == "int8" else None if precision == "auto" else "fused")
-    if args.onnx and backend != "onnx":
+    if args.onnx and args.backend not in (None, "onnx"):
         raise CommandError("--onnx needs --backend onnx (or no --backend)")
     if args.onnx and not Path(args.onnx).is_file():
         raise CommandError(f"{args.onnx}: no such ONNX file")
+    plan = plan_from_args(args)  # a missing checkpoint is load_any's to report (it also takes registry names)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the Decomposer's notes say the same, once, below
-        dec = Decomposer(method=args.method, weights=args.weights, onnx=args.onnx, backend=backend,
-                         device=args.device, threads=args.threads, precision=precision)
+        dec = Decomposer(method=args.method, weights=args.weights, onnx=args.onnx, plan=plan)
     for text in getattr(dec, "notes", []):
         print(f"{prog}: note: {text}", file=sys.stderr)
     return dec

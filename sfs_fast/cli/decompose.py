@@ -15,6 +15,7 @@ from pathlib import Path
 
 from sfs_fast.cli.common import CommandError, add_debug_flag, make_decomposer, run_command
 from sfs_fast.pipeline import FORMATS, FolderOptions, Summary, decompose_folder, discover
+from sfs_fast.plan import add_plan_arguments
 
 PROG = "sfs-decompose"
 
@@ -108,13 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "cached official SfSNet for method 0, else the bundled demo weights of the method")
     src.add_argument("--onnx", metavar="FILE", default=None,
                      help="an exported .onnx model (implies --backend onnx)")
-    p.add_argument("--backend", choices=["eager", "fused", "compile", "onnx"], default=None,
-                   help="inference backend (default: fused; onnx with --onnx)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8", "auto"], default=None,
-                   help="fp32 (default); bf16 (CPU with AMX, or CUDA); fp16 (CUDA, or an fp16 ONNX file); "
-                        "int8 (ONNX Runtime static QDQ; implies --backend onnx); auto: the fastest path this "
-                        "machine supports that meets the accuracy budget against fp32 on check images")
+    add_plan_arguments(p)  # --backend, --device, --precision, --threads (sfs_fast.plan)
     p.add_argument("--masks", metavar="DIR", default=None, help="folder of masks, matched by path or stem")
     p.add_argument("-r", "--recursive", action="store_true", help="descend into sub-folders of IN")
     p.add_argument("--fit", choices=["crop", "pad"], default="crop",
@@ -122,7 +117,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16, help="pictures per model call (default: 16)")
     p.add_argument("--workers", type=int, default=None,
                    help="decoder threads and encoder threads, each (default: min(4, CPUs))")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads of the model (default: torch's)")
     p.add_argument("--overwrite", action="store_true", help="redo inputs whose outputs already exist")
     p.add_argument("--formats", default="png",
                    help="comma-separated output formats: png (pictures + light file), npy (float arrays); "

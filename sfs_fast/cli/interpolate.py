@@ -43,6 +43,8 @@ failed); 2 command-line syntax error; 3 some pictures failed, the others were wr
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from sfs_fast.plan import add_plan_arguments
+
     p = argparse.ArgumentParser(prog=PROG, description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", metavar="IN", help="folder, picture, or text file listing pictures")
@@ -52,12 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--weights", metavar="CKPT", default=None, help="checkpoint or registered name such as sfsnet (see sfs-weights list); "
                                                                             "default: as sfs-decompose")
     src.add_argument("--onnx", metavar="FILE", default=None, help="an exported .onnx model (implies --backend onnx)")
-    p.add_argument("--backend", choices=["eager", "fused", "compile", "onnx"], default=None,
-                   help="inference backend (default: fused; onnx with --onnx)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8", "auto"], default=None,
-                   help="model precision, as sfs-decompose --precision (default fp32)")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads of the model")
+    add_plan_arguments(p)  # --backend, --device, --precision, --threads (sfs_fast.plan)
     p.add_argument("-r", "--recursive", action="store_true", help="descend into sub-folders of IN")
     p.add_argument("--fit", choices=["crop", "pad"], default="crop", help="non-square pictures: crop or pad")
     target = p.add_mutually_exclusive_group()

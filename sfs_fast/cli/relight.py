@@ -16,6 +16,7 @@ import numpy as np
 
 from sfs_fast.cli.common import CommandError, add_debug_flag, make_decomposer, run_command
 from sfs_fast.cli.decompose import ProgressBar, print_summary
+from sfs_fast.plan import add_plan_arguments
 
 PROG = "sfs-relight"
 
@@ -68,12 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="also write a strip of N frames, own light -> target")
     p.add_argument("--method", default=None, help="method id 0-7 or slug except 2 (default: the checkpoint's, else 0)")
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--weights", metavar="CKPT", default=None, help="checkpoint (default: bundled demo weights)")
+    src.add_argument("--weights", metavar="CKPT", default=None,
+                     help="checkpoint or registered name (see sfs-weights list; default: the method's default weights)")
     src.add_argument("--onnx", metavar="FILE", default=None, help="an exported .onnx model (implies --backend onnx)")
-    p.add_argument("--backend", choices=["eager", "fused", "compile", "onnx"], default=None)
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default: cpu)")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8", "auto"], default=None)
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads of the model")
+    add_plan_arguments(p)  # --backend, --device, --precision, --threads (sfs_fast.plan)
     p.add_argument("--masks", metavar="DIR", default=None, help="folder of masks, matched by path or stem")
     p.add_argument("-r", "--recursive", action="store_true", help="descend into sub-folders of IN")
     p.add_argument("--batch-size", type=int, default=16, help="faces per model call (default: 16)")

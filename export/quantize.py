@@ -11,20 +11,20 @@
   fully-connected layer, the upsampling and the SH shading always stay float32. Dynamic
   int8 is not offered: it runs slower than fp32 on these models.
 
-Calibration images: the example faces of ``examples/faces`` (when the source tree is there)
-plus synthetic face-like pictures (:func:`face_like_images`).
+Calibration images: the example faces shipped with the package, mirrored, plus synthetic
+face-like pictures (:mod:`sfs_fast.samples`).
 """
 from __future__ import annotations
 
 import os
 import tempfile
-from pathlib import Path
 
 import numpy as np
 
-from .runner import INPUT_NAME, INPUT_SIZE
+from sfs_fast.plan import INT8_LAYERS
+from sfs_fast.samples import example_faces, face_like_images
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "faces"
+from .runner import INPUT_NAME, INPUT_SIZE
 
 
 def shading_nodes(proto) -> list[str]:
@@ -47,57 +47,6 @@ def to_float16(proto):
     # keep_io_types appends the input Casts after the nodes that read them: sort again.
     wrapped.topological_sort()
     return wrapped.model
-
-
-def face_like_images(batch: int, rng: np.random.Generator) -> np.ndarray:
-    """Synthetic ``[batch,3,128,128]`` float32 pictures in [0,1] with face statistics: a
-    smooth background, a skin-coloured ellipse lit by a random Lambertian light (sphere-like
-    normals), darker eye and mouth blobs and a little noise. For calibration and checks of
-    quantized graphs, whose activation ranges should look like real use."""
-    s = INPUT_SIZE
-    yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) / (s - 1) * 2 - 1
-    out = np.empty((batch, 3, s, s), np.float32)
-    for i in range(batch):
-        bg = rng.uniform(0.05, 0.9, 3).astype(np.float32)
-        grad = rng.uniform(-0.2, 0.2, 2).astype(np.float32)
-        img = bg[:, None, None] + grad[0] * xx + grad[1] * yy
-        cx, cy = rng.uniform(-0.1, 0.1, 2)
-        ax, ay = rng.uniform(0.55, 0.75), rng.uniform(0.7, 0.9)
-        u, v = (xx - cx) / ax, (yy - cy) / ay
-        r2 = u * u + v * v
-        inside = r2 < 1
-        nz = np.sqrt(np.clip(1 - r2, 0, 1))
-        light = rng.normal(size=3)
-        light[2] = abs(light[2]) + 0.5
-        light /= np.linalg.norm(light)
-        lambert = np.clip(u * light[0] + v * light[1] + nz * light[2], 0, 1)
-        skin = np.array([rng.uniform(0.55, 0.95), rng.uniform(0.35, 0.75), rng.uniform(0.25, 0.6)], np.float32)
-        face = skin[:, None, None] * (0.25 + 0.85 * lambert)
-        for ex, ey, rx, ry, dark in ((-0.35, -0.2, 0.15, 0.07, 0.35), (0.35, -0.2, 0.15, 0.07, 0.35),
-                                     (0.0, 0.45, 0.3, 0.08, 0.6)):
-            blob = ((u - ex) / rx) ** 2 + ((v - ey) / ry) ** 2 < 1
-            face = np.where(blob, face * dark, face)
-        img = np.where(inside, face, img)
-        img = img + rng.normal(0, 0.02, img.shape).astype(np.float32)
-        out[i] = np.clip(img, 0, 1)
-    return out
-
-
-def example_faces() -> np.ndarray:
-    """The example faces of the source tree as ``[N,3,128,128]`` float32 (N may be 0)."""
-    if not EXAMPLES.is_dir():
-        return np.zeros((0, 3, INPUT_SIZE, INPUT_SIZE), np.float32)
-    from sfs_fast.images import ImageError, load_image
-
-    faces = []
-    for p in sorted(EXAMPLES.iterdir()):
-        if "mask" in p.stem or p.suffix.lower() not in (".png", ".jpg", ".jpeg"):
-            continue
-        try:
-            faces.append(load_image(p)[0])
-        except ImageError:
-            continue
-    return np.stack(faces) if faces else np.zeros((0, 3, INPUT_SIZE, INPUT_SIZE), np.float32)
 
 
 def calibration_images(count: int = 16, seed: int = 1234) -> np.ndarray:
@@ -135,15 +84,11 @@ def output_convolutions(proto) -> list[str]:
             if n.op_type == "Conv" and len(n.input) > 1 and shapes.get(n.input[1], [0])[0] == 3]
 
 
-# Which convolutions ``quantize_int8`` quantizes. Measured one layer at a time on the demo
-# weights (methods 0 and 3, 8 check images; worst budget metric / its limit): the first
-# convolution of each residual block of the albedo trunks costs 0.1-0.35 of the budget,
-# every other layer far more (normal trunk's second convolutions 2.6-3.4, conv_model.conv3
-# 8.9, the light estimator 9, the normal generation net 17): int8 rounds each convolution's
-# *output* to 256 levels of its calibrated range, and those layers feed outputs directly.
-# The albedo-trunk layers together: albedo 0.31-0.38% of range, every other metric lower,
-# also on darkened, shifted faces the rule was not chosen on.
-INT8_LAYERS = ("budget", "all")
+# Which convolutions ``quantize_int8`` quantizes (sfs_fast.plan.INT8_LAYERS): measured one
+# layer at a time on the demo weights, only the first convolution of each residual block of
+# the albedo trunks stays well within the accuracy budget; every other layer costs more than
+# the whole budget, because int8 rounds each convolution's *output* to 256 levels and those
+# layers feed outputs directly (figures in bench/README.md).
 
 
 def quantized_convolutions(proto, layers: str = "budget") -> list[str]:
