@@ -19,7 +19,7 @@ the single ``torch.library`` op ``sfs_fast::sh_shade`` (:mod:`._ops`: ``register
 and ``register_autograd``; its backward is the op ``sfs_fast::sh_shade_backward``): ``cpu`` (C++
 with OpenMP and SIMD, :mod:`.cpu`), ``triton`` (:mod:`.triton_sh_shade`) and ``cuda``
 (:mod:`.cuda_sh_shade`, compiled on first use), thin launchers over :mod:`._launch`. ``auto``
-takes the first available entry of ``AUTO_ORDER`` for the tensors' device (:mod:`.dispatch`):
+takes the first available entry of ``SHADING_AUTO_ORDER`` for the tensors' device (:mod:`.dispatch`):
 cpu on CPU tensors, triton on CUDA tensors. ``BACKENDS`` names them all.
 
 Example::
@@ -31,11 +31,11 @@ Example::
 """
 from __future__ import annotations
 
-from sfs_fast.kernels.dispatch import AUTO_ORDER, BACKENDS, available_backends, check_args, resolve_backend
+from sfs_fast.kernels.dispatch import SHADING_AUTO_ORDER, BACKENDS, available_backends, check_args, resolve_backend
 from sfs_fast.kernels.dispatch import run as _run
 from sfs_fast.kernels.reference import sh_shade_reference
 
-__all__ = ["sh_shade", "sh_shade_reference", "BACKENDS", "AUTO_ORDER", "available_backends", "resolve_backend",
+__all__ = ["sh_shade", "sh_shade_reference", "BACKENDS", "SHADING_AUTO_ORDER", "available_backends", "resolve_backend",
            "check_args"]
 
 

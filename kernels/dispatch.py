@@ -2,7 +2,7 @@
 ``auto`` means, and the one warning when the C++ kernels are missing.
 
 :data:`BACKENDS` is the one list of shading backend names; ``auto`` takes the first available
-entry of :data:`AUTO_ORDER` for the tensors' device.
+entry of :data:`SHADING_AUTO_ORDER` for the tensors' device.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from sfs_fast.kernels._ops import fused
 from sfs_fast.kernels.reference import sh_shade_reference
 
 # Preference order of "auto", per device type; the first available one is used.
-AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
+SHADING_AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("triton", "cuda", "reference")}
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -120,7 +120,7 @@ def resolve_backend(backend, device):
         if not _TABLE[backend][0](device):
             raise ValueError(f"backend: {backend!r} is not available on {device}")
         return backend
-    for name in AUTO_ORDER.get(device.type, ("reference",)):
+    for name in SHADING_AUTO_ORDER.get(device.type, ("reference",)):
         if _TABLE[name][0](device):
             return name
     return "reference"

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from sfs_fast.plan import AUTO_ORDER
+from sfs_fast.plan import AUTO_ORDER  # (backend, precision) pairs; kernels has the shading-backend order
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
