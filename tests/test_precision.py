@@ -386,6 +386,7 @@ def test_bf16_on_demo_weights_meets_budget(method, backend):
     assert report["passed"], P.format_metrics(report)
 
 
+@pytest.mark.slow  # fp16 convolutions on the CPU take minutes per batch here (CUDA's path, run slowly)
 @pytest.mark.parametrize("method", [0, 3])
 def test_fp16_model_on_demo_weights_meets_budget(method):
     """The CUDA fp16 model (its numerics run on the CPU too, slowly): within budget."""
