@@ -26,6 +26,8 @@ OpenCV is an optional dependency (``pip install sfs_fast[faces]``), imported on 
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 import threading
 from dataclasses import dataclass
@@ -73,6 +75,10 @@ def _cv2():
         import cv2
     except ImportError:
         raise ImportError(FACES_EXTRA_HINT) from None
+    # OpenCV 5 prints a "Targets are not supported by the new graph engine" warning per detector
+    # on stderr; it is harmless, and the commands' stderr is for their own one-line reports
+    with contextlib.suppress(AttributeError):
+        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
     return cv2
 
 
