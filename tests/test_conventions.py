@@ -3,6 +3,7 @@ enforced in checkpoints, and the SfSNet <-> DPR light conversions against an ind
 implementation of DPR's sphere-rendering recipe (../shared/data/README.md)."""
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -14,9 +15,9 @@ import caffe_reference as cr
 from sfs_fast import build_model, sh, weights
 from sfs_fast.importers import import_caffe_h5
 
-# ../shared beside the checkout (a worktree sits one level deeper than the main checkout).
-DPR_SPHERES = next((p / "shared" / "data" / "sh_reference" / "dpr_spheres" for p in Path(__file__).resolve().parents[1:4]
-                    if (p / "shared" / "data" / "sh_reference" / "dpr_spheres").is_dir()), Path("/nonexistent"))
+# The DPR spheres are reference data outside the project (not shipped, not read by default):
+# point SFS_FAST_REFERENCE_DATA at a folder holding sh_reference/dpr_spheres to run that check.
+DPR_SPHERES = Path(os.environ.get("SFS_FAST_REFERENCE_DATA", "/nonexistent")) / "sh_reference" / "dpr_spheres"
 
 
 # --------------------------------------------------------------------------------------

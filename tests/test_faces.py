@@ -4,6 +4,7 @@ Real faces come from pictures with a licence: matplotlib's ``grace_hopper.jpg`` 
 domain) and the bundled SfSNet crops in ``examples/faces`` (MIT-style, see its README).
 """
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -395,15 +396,14 @@ def test_light_steps():
 
 
 def shared_faces():
-    for parent in ROOT.parents:
-        candidate = parent / "shared" / "data" / "faces"
-        if candidate.is_dir():
-            return candidate
-    return None
+    """The 19 SfSNet crops of the reference data, only where SFS_FAST_REFERENCE_DATA names it
+    (they are not read by default: the project's tests run without them)."""
+    candidate = Path(os.environ.get("SFS_FAST_REFERENCE_DATA", "/nonexistent")) / "faces"
+    return candidate if candidate.is_dir() else None
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shared_faces() is None, reason="needs ../shared/data/faces (the 19 SfSNet crops)")
+@pytest.mark.skipif(shared_faces() is None, reason="needs SFS_FAST_REFERENCE_DATA/faces (the 19 SfSNet crops)")
 def test_template_and_mask_are_what_the_tool_derives(tmp_path):
     mask_path = tmp_path / "mask.png"
     run = subprocess.run([sys.executable, str(ROOT / "tools" / "derive_face_template.py"), str(shared_faces()),
