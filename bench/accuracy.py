@@ -14,8 +14,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .e2e import PathUnavailable, load_bench_model, make_decomposer
-from .timing import time_calls
+from sfs_fast.bench.e2e import PathUnavailable, load_bench_model, make_decomposer
+from sfs_fast.bench.timing import time_calls
 
 DEFAULT_PATHS = ("eager", "fused", "bf16", "onnx", "onnx-int8", "onnx-int8-all")
 

@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args) -> int:
     import torch
 
-    from . import env as env_mod
-    from . import report
+    from sfs_fast.bench import env as env_mod
+    from sfs_fast.bench import report
 
     if args.runs < 1 or args.warmup < 0:
         raise CommandError("--runs must be >= 1 and --warmup >= 0", 2)
@@ -106,7 +106,7 @@ def _run(args) -> int:
     log = (lambda *a, **k: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
 
     if args.kind == "e2e":
-        from .e2e import DEFAULT_PATHS, run_e2e
+        from sfs_fast.bench.e2e import DEFAULT_PATHS, run_e2e
         from sfs_fast.optimize import FUSED_OPTIONS
 
         bad = [o for o in args.fused_off if o not in FUSED_OPTIONS]
@@ -118,14 +118,14 @@ def _run(args) -> int:
                          size=args.size, weights=args.weights, fused_options=fused_options,
                          gemm_n=args.gemm_size, log=log)
     elif args.kind == "accuracy":
-        from .accuracy import DEFAULT_PATHS as ACCURACY_PATHS, format_table, run_accuracy
+        from sfs_fast.bench.accuracy import DEFAULT_PATHS as ACCURACY_PATHS, format_table, run_accuracy
 
         result = run_accuracy(methods=args.method, paths=args.paths or ACCURACY_PATHS, device=args.device,
                               threads=args.threads, warmup=args.warmup, runs=args.runs, weights=args.weights,
                               log=log)
         result["text"] = format_table(result)
     elif args.kind == "train":
-        from .train import TRAIN_PATHS, run_train
+        from sfs_fast.bench.train import TRAIN_PATHS, run_train
 
         if args.device != "cpu":
             raise CommandError("train: only --device cpu is measured by this command", 2)
@@ -147,7 +147,7 @@ def _run(args) -> int:
         report.write_json(result, args.json)
     if args.markdown:
         if result.get("kind") == "accuracy":
-            from .accuracy import markdown
+            from sfs_fast.bench.accuracy import markdown
 
             report.write_text(args.markdown, markdown(result, command=result["command"]))
         elif "results" in result and result.get("kind") in ("e2e", "train"):
@@ -166,7 +166,7 @@ def _run_op(args, log) -> dict:
     """Delegate to the op micro benchmark of the kernels (``sfs_fast.bench.op.run``): shapes
     ``[B,3,size,size]`` for each ``--batch`` (its default shapes without ``--batch``),
     ``--paths`` are the op's backends (default: all available on the device)."""
-    from . import op
+    from sfs_fast.bench import op
 
     shapes = [(b, 3, args.size, args.size) for b in args.batch] if args.batch else op.DEFAULT_SHAPES
     result = op.run(shapes=shapes, backends=args.paths, runs=args.runs, warmup=args.warmup,
@@ -182,10 +182,10 @@ def _run_op(args, log) -> dict:
 
 def main(argv=None) -> int:
     if list(sys.argv[1:] if argv is None else argv)[:1] == ["folder"]:  # own flags: bench/folder.py
-        from .folder import main as folder_main
+        from sfs_fast.bench.folder import main as folder_main
         return folder_main(list(sys.argv[2:] if argv is None else argv[1:]))
     if list(sys.argv[1:] if argv is None else argv)[:1] == ["faces"]:  # own flags: bench/faces.py
-        from .faces import main as faces_main
+        from sfs_fast.bench.faces import main as faces_main
         return faces_main(list(sys.argv[2:] if argv is None else argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)

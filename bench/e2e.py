@@ -28,8 +28,8 @@ from sfs_fast.plan import NAMED_PLANS, RunPlan, named_plan
 from sfs_fast.precision import output_error
 from sfs_fast.samples import face_like_images
 
-from .floors import compute_floor_ms, count_flops, measure_gemm_rate
-from .timing import time_calls
+from sfs_fast.bench.floors import compute_floor_ms, count_flops, measure_gemm_rate
+from sfs_fast.bench.timing import time_calls
 
 PATHS = tuple(NAMED_PLANS)
 DEFAULT_PATHS = ("eager", "fused", "compile", "onnx", "onnx-int8", "bf16")

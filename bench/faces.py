@@ -57,7 +57,7 @@ def _timed(fn, warmup: int, runs: int) -> tuple:
     """``fn()`` warmup times, then runs times: (summary in ms, the last result)."""
     import time
 
-    from .timing import summarize
+    from sfs_fast.bench.timing import summarize
 
     for _ in range(warmup):
         fn()
@@ -128,7 +128,7 @@ def _run(args) -> int:
     from sfs_fast import Decomposer, weights
     from sfs_fast.models import build_model, method_id
 
-    from . import env as env_mod
+    from sfs_fast.bench import env as env_mod
 
     try:
         counts = [int(v) for v in args.faces.split(",") if v.strip()]
@@ -148,7 +148,7 @@ def _run(args) -> int:
     rows = [{"faces": n, "timings": measure(n, dec, args.warmup, args.runs)} for n in counts]
     print(format_table(rows))
     if args.json:
-        from .report import write_json
+        from sfs_fast.bench.report import write_json
 
         write_json({"kind": "faces", "photo": list(SIZE), "method": method, "backend": args.backend,
                     "env": env_mod.capture(device="cpu", threads=torch.get_num_threads()), "results": rows}, args.json)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .timing import time_calls
+from sfs_fast.bench.timing import time_calls
 
 
 def count_flops(model: torch.nn.Module, size: int = 128, batch: int = 1) -> int:

@@ -18,8 +18,8 @@ import torch
 
 from sfs_fast.kernels import available_backends, sh_shade
 
-from .floors import measure_copy_bandwidth
-from .timing import time_calls
+from sfs_fast.bench.floors import measure_copy_bandwidth
+from sfs_fast.bench.timing import time_calls
 
 DEFAULT_SHAPES = ((16, 3, 128, 128), (4, 3, 512, 512))
 MODES = ("forward", "forward+backward")

@@ -15,9 +15,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from sfs_fast.optimize import with_shading_backend
 from sfs_fast.plan import TRAIN_PLANS, named_plan
 
-from .e2e import INPUT_SIZE, ROTATED_INPUTS, check_paths, compare, load_bench_model, start_measuring
-from .floors import compute_floor_ms
-from .timing import time_calls
+from sfs_fast.bench.e2e import INPUT_SIZE, ROTATED_INPUTS, check_paths, compare, load_bench_model, start_measuring
+from sfs_fast.bench.floors import compute_floor_ms
+from sfs_fast.bench.timing import time_calls
 
 # path -> the shading backend of its named plan
 TRAIN_PATHS = {path: named_plan(plan).shading_backend for path, plan in TRAIN_PLANS.items()}

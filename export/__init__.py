@@ -7,7 +7,7 @@
 ``sfs-export`` (:mod:`sfs_fast.export.cli`) is the command line. The runner needs only
 onnxruntime and numpy; the exporter (torch, onnx, onnxslim) is imported on first use.
 """
-from .runner import OnnxRunner, read_onnx_metadata, select_providers
+from sfs_fast.export.runner import OnnxRunner, read_onnx_metadata, select_providers
 
 _EXPORTER_NAMES = ("export_onnx", "export_session", "verify", "ExportResult", "ParityError", "DEFAULT_OPSET",
                    "DEFAULT_ATOL", "MIN_OPSET", "MAX_OPSET", "ONNX_PRECISIONS")
@@ -17,7 +17,7 @@ __all__ = ["OnnxRunner", "read_onnx_metadata", "select_providers", *_EXPORTER_NA
 
 def __getattr__(name):
     if name in _EXPORTER_NAMES:
-        from . import onnx_export
+        from sfs_fast.export import onnx_export
 
         return getattr(onnx_export, name)
     raise AttributeError(name)

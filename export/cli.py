@@ -44,7 +44,7 @@ examples:
 def build_parser() -> argparse.ArgumentParser:
     from sfs_fast.plan import INT8_LAYERS, add_plan_arguments
 
-    from .onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
+    from sfs_fast.export.onnx_export import DEFAULT_OPSET, MAX_OPSET, MIN_OPSET
 
     p = argparse.ArgumentParser(prog="sfs-export", description=DESCRIPTION, epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,7 +109,7 @@ def default_name(method: int, precision: str) -> str:
 def export_command(args) -> int:
     from sfs_fast.models import METHODS, method_id
 
-    from .onnx_export import MAX_OPSET, MIN_OPSET, ParityError, check_output_path, export_onnx
+    from sfs_fast.export.onnx_export import MAX_OPSET, MIN_OPSET, ParityError, check_output_path, export_onnx
 
     precision = "fp16" if args.fp16 else "int8" if args.int8 else (args.precision or "fp32")
     if not MIN_OPSET <= args.opset <= MAX_OPSET:

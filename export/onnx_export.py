@@ -40,7 +40,7 @@ from sfs_fast.precision import output_error
 from sfs_fast.sh import CONVENTION
 from sfs_fast.weights import INPUT
 
-from .runner import INPUT_NAME, INPUT_SIZE, OnnxRunner
+from sfs_fast.export.runner import INPUT_NAME, INPUT_SIZE, OnnxRunner
 
 DEFAULT_OPSET = 17
 # ReduceMean/Resize/ConvTranspose forms the graph uses are all there from 13 on; the
@@ -341,11 +341,11 @@ def _build_graph(ref, *, opset, batch, precision, simplify_graph, calibration, i
     if simplify_graph:
         proto = simplify(proto)
     if precision == "fp16":
-        from .quantize import to_float16
+        from sfs_fast.export.quantize import to_float16
 
         proto = to_float16(proto)
     elif precision == "int8":
-        from .quantize import calibration_images, quantize_int8
+        from sfs_fast.export.quantize import calibration_images, quantize_int8
 
         if calibration is None:
             calibration = calibration_images()

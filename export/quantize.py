@@ -24,7 +24,7 @@ import numpy as np
 from sfs_fast.plan import INT8_LAYERS
 from sfs_fast.samples import example_faces, face_like_images
 
-from .runner import INPUT_NAME, INPUT_SIZE
+from sfs_fast.export.runner import INPUT_NAME, INPUT_SIZE
 
 
 def shading_nodes(proto) -> list[str]:
