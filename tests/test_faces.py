@@ -351,17 +351,29 @@ def demo_decomposition(hopper, hopper_face):
     model = weights.load(path).eval()
     crop = F.align_faces(hopper, [hopper_face])[0]
     with torch.no_grad():
-        return model, model(torch.from_numpy(crop.image)[None])
+        return model, model(torch.from_numpy(crop.image)[None]), crop.mask > 0.5
 
 
 def test_relight_with_the_estimated_light_reproduces_the_reconstruction(demo_decomposition):
-    model, out = demo_decomposition
+    model, out, _ = demo_decomposition
     shading, recon = F.relight(out["normal"], out["albedo"], out["light"], out["residue"], beta=model.beta)
     torch.testing.assert_close(recon, out["recon"], atol=1e-5, rtol=0)
     torch.testing.assert_close(shading, out["shading"], atol=1e-5, rtol=0)
     dropped, recon_drop = F.relight(out["normal"], out["albedo"], out["light"])
     torch.testing.assert_close(dropped, out["sh_shading"], atol=1e-5, rtol=0)
     assert (recon_drop - recon).abs().max() > 1e-3, "dropping the residue changes the picture"
+
+
+@pytest.mark.parametrize("name", ["left", "right"])
+def test_side_presets_brighten_that_half_of_the_model_shading(demo_decomposition, name):
+    """On the normals the bundled weights estimate for a real photo (not a sphere), the
+    ``left`` preset lights the image-left half of the face more than the right half, and
+    ``right`` the other way round (face-mask pixels of each half, mean over the colours)."""
+    _, out, inside = demo_decomposition
+    shading, _ = F.relight(out["normal"], out["albedo"], F.preset_light(name, like=out["light"][0].numpy()))
+    g = shading[0].mean(0).numpy()
+    left, right = g[:, :64][inside[:, :64]].mean(), g[:, 64:][inside[:, 64:]].mean()
+    assert (left > right) if name == "left" else (right > left), (name, left, right)
 
 
 def test_light_files_27_and_9_values(tmp_path):
