@@ -5,6 +5,7 @@
     sfs-bench train --method all --batch 2
     sfs-bench folder                  # the folder pipeline's peak RSS at 200 and 2,000 pictures
     sfs-bench faces                   # detection + alignment + paste-back per photo, beside the model
+    sfs-bench quality                 # bundled weights per method vs constant guesses (held-out renders, examples)
 
 Every figure is a median of ``--runs`` timed runs after ``--warmup`` untimed ones, inputs
 rotated, threads pinned; every path is compared with the baseline in the same run.
@@ -180,16 +181,19 @@ def _run_op(args, log) -> dict:
     return result
 
 
+# sfs-bench subcommands with flags of their own: name -> module with main(argv)
+OWN_FLAGS = {"folder": "sfs_fast.bench.folder", "faces": "sfs_fast.bench.faces", "quality": "sfs_fast.bench.quality"}
+
+
 def main(argv=None) -> int:
-    if list(sys.argv[1:] if argv is None else argv)[:1] == ["folder"]:  # own flags: bench/folder.py
-        from sfs_fast.bench.folder import main as folder_main
-        return folder_main(list(sys.argv[2:] if argv is None else argv[1:]))
-    if list(sys.argv[1:] if argv is None else argv)[:1] == ["faces"]:  # own flags: bench/faces.py
-        from sfs_fast.bench.faces import main as faces_main
-        return faces_main(list(sys.argv[2:] if argv is None else argv[1:]))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] and argv[0] in OWN_FLAGS:
+        import importlib
+
+        return importlib.import_module(OWN_FLAGS[argv[0]]).main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)
+    args.argv = argv
     return run_command(PROG, _run, args)
 
 
