@@ -93,6 +93,9 @@ def test_flags_and_plan_from_args():
     args = parser.parse_args(["--precision", "bf16", "--threads", "3", "--device", "cpu"])
     assert plan_from_args(args) == resolve_plan(precision="bf16", threads=3)
     assert plan_from_args(parser.parse_args(["--onnx", "m.onnx"])) == resolve_plan(onnx_file=True)
+    # the commands default to auto; --precision fp32 is exact float32, no auto
+    assert plan_from_args(parser.parse_args([])) == resolve_plan(precision="auto")
+    assert plan_from_args(parser.parse_args(["--precision", "fp32"])) == resolve_plan()
     for bad in (["--backend", "warp"], ["--precision", "fp64"], ["--device", "tpu"]):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)

@@ -1,7 +1,7 @@
 """Precision auto's decision and its cache (sfs_fast.plan_cache): decided once and then read
 back, decided anew when the weights, the capabilities or the versions change, a corrupt file
 recomputed, no model run at all when there is one candidate, the fastest candidate taken
-(not the first).
+(not the first), and the commands' summary line and manifest saying which path ran and why.
 
 Cheap by construction: a random method-0 model, one check image, and two fp32 candidates
 (eager and fused) in place of the AUTO_ORDER of the hardware, so the multi-candidate path
@@ -175,3 +175,39 @@ def test_auto_times_each_candidate_and_takes_the_fastest(model, cache, two_candi
     fastest = min(tried, key=lambda t: t["ms_per_image"])
     assert dec.auto_report["chosen"] == {"backend": fastest["backend"], "precision": "fp32"} == \
         {"backend": dec.backend, "precision": dec.precision}
+
+
+# ---------------------------------------------------------------------------------------
+# The commands say which path ran and why
+
+
+def _one_face(tmp_path):
+    from sfs_fast.samples import EXAMPLES
+
+    src = tmp_path / "in"
+    src.mkdir()
+    shutil.copy(sorted(EXAMPLES.glob("*_face.png"))[0], src / "a_face.png")
+    return src
+
+
+def test_decompose_summary_and_manifest_say_which_path_and_why(tmp_path, cache, capsys, monkeypatch):
+    from sfs_fast.cli import decompose
+
+    monkeypatch.setenv("SFS_FAST_FORCE_CAPS", "bf16=0,int8=0")  # the same on any machine
+    src = _one_face(tmp_path)
+    assert decompose.main([str(src), str(tmp_path / "out"), "--method", "0", "--faces", "off"]) == 0
+    summary = capsys.readouterr().err.strip().splitlines()[-1]
+    why = "auto: only candidate; bf16 not supported here: forced; int8 not supported here: forced"
+    assert f"(fused fp32, {why}); manifest" in summary
+    [row] = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert row["plan"] == {"backend": "fused", "precision": "fp32", "reason": why}
+
+    assert decompose.main([str(src), str(tmp_path / "out2"), "--method", "0", "--faces", "off",
+                           "--precision", "fp32", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["backend"], data["precision"], data["plan_reason"]) == ("fused", "fp32", "as requested")
+    # a rerun skips the input and keeps the record of the run that wrote its files
+    assert decompose.main([str(src), str(tmp_path / "out"), "--method", "0", "--faces", "off",
+                           "--precision", "fp32"]) == 0
+    [row] = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert row["status"] == "skipped" and row["plan"]["reason"] == why
