@@ -21,13 +21,21 @@ encoder's convolutions in bf16, everything that decodes its features, the BatchN
 parameters and the shading in float32: :func:`sfs_fast.precision.to_low_precision`);
 ``fp16`` (the same on CUDA; an fp16 ONNX file with backend onnx); ``int8`` (backend onnx:
 static QDQ int8, :func:`sfs_fast.export.quantize.quantize_int8`); ``auto``:
-:func:`auto_plan` takes the fastest pair of :func:`sfs_fast.precision.auto_candidates` that
-meets the accuracy budget against float32 on :func:`sfs_fast.samples.check_images`
-(``dec.auto_report`` says what was tried).
+:func:`auto_plan` takes the fastest, measured here, of the pairs of
+:func:`sfs_fast.precision.auto_candidates` that meet the accuracy budget against float32 on
+:func:`sfs_fast.samples.check_images`, and caches that decision
+(:mod:`sfs_fast.plan_cache`); with one candidate it decides without running anything.
+``dec.auto_report`` says what was tried, ``dec.plan_reason`` says it in one line.
+
+The Python default precision is ``fp32`` (exact float32, nothing measured): a library call
+does what it says. The commands (``sfs-decompose``, ``sfs-relight``, ``sfs-interpolate``)
+default to ``auto``; ``Decomposer(model, precision="auto")`` or
+``plan=resolve_plan(precision="auto")`` asks for it here, with the same cache.
 """
 from __future__ import annotations
 
 import dataclasses
+import time
 import warnings
 
 import torch
@@ -37,7 +45,7 @@ from sfs_fast.optimize import FUSED_OPTIONS, eager_reference, optimize_for_infer
 from sfs_fast.plan import BACKENDS, FUSED_BACKENDS, LOW_PRECISION_CPU_MICRO_BATCH, RunPlan, resolve_plan
 
 INPUT_SIZE = 128
-__all__ = ["Decomposer", "auto_plan", "BACKENDS", "INPUT_SIZE", "LOW_PRECISION_CPU_MICRO_BATCH"]
+__all__ = ["Decomposer", "auto_plan", "describe_plan_choice", "BACKENDS", "INPUT_SIZE", "LOW_PRECISION_CPU_MICRO_BATCH"]
 
 
 class Decomposer:
@@ -53,11 +61,15 @@ class Decomposer:
             the model's export (with a model or weights; a temporary file when omitted).
         plan: how to run it (:func:`sfs_fast.plan.resolve_plan`); or the keyword settings
             ``backend``, ``device``, ``precision``, ``threads``, ``optimizations``,
-            ``micro_batch``, which build one (see :class:`~sfs_fast.plan.RunPlan`). For an
+            ``micro_batch``, which build one (see :class:`~sfs_fast.plan.RunPlan`). The
+            default precision is ``fp32`` (exact float32); ``precision="auto"`` chooses the
+            fastest path within the accuracy budget here (module docstring). For an
             ``.onnx`` file the precision is the file's own unless one is given.
 
     ``notes``: one-line notes for the user about this run (demo or random weights, emulated
-    precision), also issued as warnings where they are; commands print them.
+    precision, a first auto decision), also issued as warnings where they are; commands
+    print them. ``auto_report``: how precision auto decided (None otherwise);
+    ``plan_reason``: why this plan runs, one line (:func:`describe_plan_choice`).
     """
 
     def __init__(self, model=None, *, method=None, weights=None, onnx=None, plan: RunPlan | None = None,
@@ -76,11 +88,19 @@ class Decomposer:
             torch.set_num_threads(plan.threads)
         self.auto_report = None
         self.runner = None
+        self.plan_reason = "as requested"
         if plan.is_auto:
             chosen, self.auto_report = _choose_auto(self._resolve_model(model, method, weights), plan, onnx)
             self._take(chosen)
+            if self.auto_report["decided"] == "measured":
+                where = self.auto_report["cache"] or "nowhere (the plan cache is off)"
+                self.notes.append(f"precision auto: {len(self.auto_report['tried'])} paths checked against fp32 "
+                                  f"and timed in {self.auto_report['decision_s']:.1f} s (once: the decision "
+                                  f"is kept in {where})")
+            self.plan_reason = describe_plan_choice(self.auto_report)
         elif file_only:
             self._open_file(onnx, plan, method)
+            self.plan_reason = "the ONNX file's own precision" if plan.precision is None else "as requested"
         else:
             self.plan = plan
             self.model = self._resolve_model(model, method, weights)
@@ -207,38 +227,108 @@ def _candidate_plan(request: RunPlan, backend: str, precision: str) -> RunPlan:
                         providers=request.providers if backend == "onnx" else None)
 
 
-def _choose_auto(model, request: RunPlan, onnx=None) -> tuple[Decomposer, dict]:
-    """Build and check the candidates of ``request`` (precision auto) in turn; return the
-    first whose outputs on the check images meet the accuracy budget against float32 (fp32
-    always does), and the report of what was tried."""
+def _build_candidate(model, request: RunPlan, pair, onnx) -> Decomposer:
+    backend, precision = pair
+    return Decomposer(model, plan=_candidate_plan(request, backend, precision),
+                      onnx=onnx if backend == "onnx" else None)
+
+
+def _ms_per_image(dec: Decomposer, images, calls: int) -> float:
+    """The fastest of ``calls`` timed calls on ``images``, per image (the fastest is the one
+    least disturbed by other work on a shared machine). ``decompose`` returns CPU tensors,
+    so a CUDA call has finished when it returns."""
+    best = float("inf")
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        dec.decompose(images)
+        best = min(best, time.perf_counter() - t0)
+    return 1e3 * best / len(images)
+
+
+def _measure_candidates(model, request: RunPlan, candidates, onnx) -> tuple[Decomposer, dict]:
+    """Check every candidate against float32 on the check images, time those within the
+    accuracy budget (fp32, the reference precision, counts as within it even where reordered
+    sums differ), and return the fastest, with ``{"chosen", "tried", "images"}``: each tried
+    candidate's budget report and, when timed, its ``ms_per_image``."""
     from sfs_fast import precision as precision_mod
     from sfs_fast.samples import check_images
 
     images = check_images(precision_mod.AUTO_CHECK_IMAGES)
     reference = precision_mod.reference_outputs(model, images)
-    tried = []
-    for backend, precision in precision_mod.auto_candidates(request.backend, request.device):
+    tried, best, best_ms = [], None, float("inf")
+    for pair in candidates:
+        entry = {"backend": pair[0], "precision": pair[1], "ms_per_image": None}
         try:
-            cand = Decomposer(model, plan=_candidate_plan(request, backend, precision),
-                              onnx=onnx if backend == "onnx" else None)
-            report = precision_mod.check_budget(cand.decompose(images), reference)
-        except Exception as exc:  # a path that cannot be built here is not chosen
-            report = {"passed": False, "metrics": {}, "failures": [f"{type(exc).__name__}: {str(exc)[:200]}"]}
-            cand = None
-        tried.append({"backend": backend, "precision": precision, **report})
-        # fp32 is the reference precision: accepted even where reordered sums differ
-        if cand is not None and (report["passed"] or precision == "fp32"):
-            chosen = {"backend": backend, "precision": precision}
-            return cand, {"chosen": chosen, "tried": tried, "images": len(images)}
-    raise ValueError("precision auto: no path could be built here: "
-                     + "; ".join(f"{t['backend']}-{t['precision']}: {t['failures']}" for t in tried))
+            cand = _build_candidate(model, request, pair, onnx)
+            entry.update(precision_mod.check_budget(cand.decompose(images), reference))  # the warm-up call too
+            if entry["passed"] or pair[1] == "fp32":
+                entry["ms_per_image"] = _ms_per_image(cand, images, precision_mod.AUTO_TIMED_CALLS)
+        except Exception as exc:  # a path that cannot be built or run here is not chosen
+            entry.update(passed=False, metrics={}, failures=[f"{type(exc).__name__}: {str(exc)[:200]}"])
+        entry.pop("budget", None)  # the same for every candidate; the cache key holds it
+        tried.append(entry)
+        if entry["ms_per_image"] is not None and entry["ms_per_image"] < best_ms:
+            best, best_ms = cand, entry["ms_per_image"]
+    if best is None:
+        raise ValueError("precision auto: no path could be built here: "
+                         + "; ".join(f"{t['backend']}-{t['precision']}: {t['failures']}" for t in tried))
+    chosen = {"backend": best.plan.backend, "precision": best.plan.precision}
+    return best, {"chosen": chosen, "tried": tried, "images": len(images)}
+
+
+def _choose_auto(model, request: RunPlan, onnx=None) -> tuple[Decomposer, dict]:
+    """The candidate ``request`` (precision auto) runs as, and the report of how it was
+    decided (``"decided"``: ``only candidate`` without any check, ``cached``, or
+    ``measured`` by :func:`_measure_candidates` and then cached: :mod:`sfs_fast.plan_cache`)."""
+    from sfs_fast import plan_cache
+    from sfs_fast.precision import auto_choices
+
+    candidates, ruled_out = auto_choices(request.backend, request.device)
+    about = {"candidates": [list(c) for c in candidates], "ruled_out": ruled_out}
+    if len(candidates) == 1:  # nothing to choose between: no model runs for the decision
+        chosen = {"backend": candidates[0][0], "precision": candidates[0][1]}
+        return (_build_candidate(model, request, candidates[0], onnx),
+                {"decided": "only candidate", "chosen": chosen, "tried": [], "images": 0, **about})
+    key = plan_cache.decision_key(model, request, candidates)
+    stored = plan_cache.read_decision(key)
+    pair = (stored["chosen"]["backend"], stored["chosen"]["precision"]) if stored else None
+    if pair in candidates:
+        try:
+            return (_build_candidate(model, request, pair, onnx),
+                    {**stored, **about, "decided": "cached", "cache": str(plan_cache.key_path(key))})
+        except Exception:  # noqa: BLE001 - a stored choice that no longer builds is decided again
+            pass
+    t0 = time.perf_counter()
+    chosen, report = _measure_candidates(model, request, candidates, onnx)
+    report = {**report, **about, "decided": "measured", "decision_s": round(time.perf_counter() - t0, 3)}
+    path = plan_cache.write_decision(key, report)
+    return chosen, {**report, "cache": None if path is None else str(path)}
+
+
+def describe_plan_choice(report: dict | None) -> str:
+    """One line on why a plan runs, from an auto report (``Decomposer.auto_report``), e.g.
+    ``auto: cached; fastest within budget of fused-bf16 41.2 ms/img, fused-fp32 96.0 ms/img``;
+    ``as requested`` without one."""
+    if not report:
+        return "as requested"
+    parts = [f"auto: {report['decided']}"]
+    timed = [t for t in report.get("tried", []) if t.get("ms_per_image") is not None]
+    if len(timed) > 1:
+        parts.append("fastest within budget of " + ", ".join(
+            f"{t['backend']}-{t['precision']} {t['ms_per_image']:.1f} ms/img" for t in timed))
+    for t in report.get("tried", []):
+        if t.get("ms_per_image") is None:
+            parts.append(f"{t['backend']}-{t['precision']} not taken: {'; '.join(t['failures'][:1])}")
+    for r in report.get("ruled_out", []):
+        parts.append(f"{r['precision']} not supported here: {r['why']}")
+    return "; ".join(parts)
 
 
 def auto_plan(model, request: RunPlan | None = None, *, onnx=None) -> tuple[RunPlan, dict]:
     """Resolve precision ``auto``: the concrete :class:`~sfs_fast.plan.RunPlan` that runs
-    ``model`` fastest within the accuracy budget here, and the report of the candidates
-    tried (``{"chosen", "tried", "images"}``). ``request``: a plan with precision auto
-    (default ``resolve_plan(precision="auto")``: any backend)."""
+    ``model`` fastest within the accuracy budget here, and the report of how it was decided
+    (see :func:`_choose_auto`; the decision is cached like the Decomposer's). ``request``:
+    a plan with precision auto (default ``resolve_plan(precision="auto")``: any backend)."""
     request = request or resolve_plan(precision="auto")
     if not request.is_auto:
         raise ValueError(f"request: precision auto expected, got {request.precision}")

@@ -158,7 +158,8 @@ class FolderOptions:
 class Summary:
     """What a run did. ``remaining``: inputs not reached (an interrupted run);
     ``interrupted``: the signal's name or None; ``timings``: ``wall_s``, ``model_s`` and the
-    rates; ``plan``: how the model ran (method, backend, precision, batch size)."""
+    rates; ``plan``: how the model ran (method, backend, precision, batch size) and
+    ``plan_reason``, why (the Decomposer's one line: how precision auto decided)."""
 
     ok: int
     skipped: int
@@ -615,6 +616,11 @@ class FolderRun:
         self.prepare = prepare or prepare_picture
         self.finish, self.progress = finish, progress
         self.names = list(decomposer.output_names)
+        # every row the model ran for says which path ran and why (resume keeps a skipped
+        # input's old record: its files came from that run)
+        self.plan_record = {"backend": getattr(decomposer, "backend", None),
+                            "precision": getattr(decomposer, "precision", None),
+                            "reason": getattr(decomposer, "plan_reason", None)}
         self.manifest = Manifest(self.out_dir)
         self.counts = collections.Counter()
         self.lock = threading.Lock()
@@ -658,8 +664,9 @@ class FolderRun:
             meta = {k: old[k] for k in ("crop", "size") if k in old}
             row = manifest_row(Picture(item, meta=meta), "skipped", "outputs exist (--overwrite redoes them)",
                                files, out_dir=self.out_dir, formats=self.options.formats, timings={})
-            if "crops" in old:
-                row["crops"] = old["crops"]
+            for key in ("crops", "plan"):
+                if key in old:
+                    row[key] = old[key]
             self.write_row(row)
         return todo
 
@@ -751,7 +758,8 @@ class FolderRun:
         timings = {k: round(v, 3) for k, v in state.timings.items()}
         opts = self.options
         if state.errors:
-            return manifest_row(state.picture, "failed", state.errors[0], formats=opts.formats, timings=timings)
+            row = manifest_row(state.picture, "failed", state.errors[0], formats=opts.formats, timings=timings)
+            return {**row, "plan": self.plan_record}
         extra = {}
         if self.finish is not None:
             try:
@@ -763,6 +771,7 @@ class FolderRun:
         row = manifest_row(state.picture, "ok", None, files, out_dir=self.out_dir, formats=opts.formats,
                            timings=timings)
         row.update(extra)
+        row["plan"] = self.plan_record
         return row
 
     def summary(self, inputs: int, interrupted: str | None, wall_s: float) -> Summary:
@@ -777,8 +786,9 @@ class FolderRun:
         timings = {"wall_s": round(wall_s, 3), "images_per_s": round(ok / wall_s, 3) if wall_s > 0 else None,
                    "model_s": round(self.model_s, 3),
                    "model_images_per_s": round(ok / self.model_s, 3) if self.model_s > 0 else None}
-        plan = {"method": getattr(dec, "method", None), "backend": getattr(dec, "backend", None),
-                "precision": getattr(dec, "precision", None), "batch_size": self.options.batch_size}
+        plan = {"method": getattr(dec, "method", None), "backend": self.plan_record["backend"],
+                "precision": self.plan_record["precision"], "plan_reason": self.plan_record["reason"],
+                "batch_size": self.options.batch_size}
         return Summary(ok, skipped, failed, inputs, inputs - ok - skipped - failed, interrupted, code,
                        timings, plan, str(self.manifest.path))
 

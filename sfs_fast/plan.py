@@ -8,8 +8,11 @@ one frozen value made by one resolver.
 
 The resolver fills the defaults and refuses a combination that cannot run with one-line
 ``ValueError``s that name the setting. Precision ``auto`` is a request, not a plan: the
-``Decomposer`` (:func:`sfs_fast.decomposer.auto_plan`) measures the candidates of
-:data:`AUTO_ORDER` and keeps the concrete plan it chose.
+``Decomposer`` (:func:`sfs_fast.decomposer.auto_plan`) checks the candidates of
+:data:`AUTO_ORDER` this machine supports against float32, takes the fastest within the
+accuracy budget, keeps the concrete plan it chose and caches the decision
+(:mod:`sfs_fast.plan_cache`). ``resolve_plan`` defaults to fp32; the commands' ``--precision``
+defaults to auto (:func:`add_plan_arguments`).
 
 This module needs torch and the kernels' backend names only; it builds nothing.
 """
@@ -37,9 +40,10 @@ TENSORRT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPU
 # between the bf16 encoder and the float32 decoders, sixteen do not (bench/README.md).
 LOW_PRECISION_CPU_MICRO_BATCH = 4
 
-# The (backend, precision) pairs ``auto`` tries, fastest first per device type (measured with
-# ``sfs-bench accuracy`` / ``sfs-bench e2e``, bench/README.md); each is tried only where the
-# hardware has it (sfs_fast.precision.capabilities) and kept only within the accuracy budget.
+# The (backend, precision) pairs ``auto`` considers per device type. Each is tried only where
+# the hardware has it (sfs_fast.precision.capabilities) and kept only within the accuracy
+# budget; among those kept, auto takes the fastest as timed on the machine it runs on, so this
+# order (fastest first on the project's Xeons, bench/README.md) only orders the report.
 AUTO_ORDER = {
     "cpu": (("fused", "bf16"), ("onnx", "int8"), ("fused", "fp32")),
     "cuda": (("fused", "fp16"), ("fused", "bf16"), ("fused", "fp32")),
@@ -297,18 +301,20 @@ def add_plan_arguments(parser, *, flags=PLAN_FLAGS, onnx_precisions: bool = Fals
         raise ValueError(f"flags: unknown plan flag(s) {sorted(unknown)}; known: {', '.join(PLAN_FLAGS)}")
     if "backend" in flags:
         parser.add_argument("--backend", choices=BACKENDS, default=None,
-                            help="inference backend (default: fused; onnx with --onnx)")
+                            help="inference backend (default: the one --precision auto chooses; fused with "
+                                 "an explicit precision, onnx with --onnx or int8)")
     if "device" in flags:
         parser.add_argument("--device", type=_device_argument, default="cpu", help="cpu or cuda (default: cpu)")
     if "precision" in flags and onnx_precisions:
         parser.add_argument("--precision", choices=ONNX_PRECISIONS, default=None,
                             help="the same as --fp16/--int8 (fp32 default), named as in sfs-decompose and sfs-bench")
-    elif "precision" in flags:
-        parser.add_argument("--precision", choices=(*PRECISIONS, AUTO), default=None,
-                            help="fp32 (default); bf16 (CPU with AMX, or CUDA); fp16 (CUDA, or an fp16 ONNX "
-                                 "file); int8 (ONNX Runtime static QDQ; implies --backend onnx); auto: the fastest "
-                                 "path this machine supports that meets the accuracy budget against fp32 on "
-                                 "check images")
+    elif "precision" in flags:  # the inference commands: auto by default
+        parser.add_argument("--precision", choices=(*PRECISIONS, AUTO), default=AUTO,
+                            help="auto (default): the fastest path this machine supports that meets the "
+                                 "accuracy budget against fp32 on check images, decided once and cached (see "
+                                 "README, Precision); fp32: exact float32; bf16 (CPU with AMX, or CUDA); fp16 "
+                                 "(CUDA, or an fp16 ONNX file); int8 (ONNX Runtime static QDQ; implies "
+                                 "--backend onnx)")
     if "threads" in flags:
         parser.add_argument("--threads", type=int, default=None,
                             help="intra-op threads of the model (default: torch's)")
@@ -316,11 +322,15 @@ def add_plan_arguments(parser, *, flags=PLAN_FLAGS, onnx_precisions: bool = Fals
 
 def plan_from_args(args) -> RunPlan:
     """The :class:`RunPlan` of the flags of :func:`add_plan_arguments` (and ``--onnx FILE``,
-    ``--int8-layers`` where the command has them)."""
-    return resolve_plan(backend=getattr(args, "backend", None), precision=getattr(args, "precision", None),
+    ``--int8-layers`` where the command has them). With ``--onnx FILE``, precision auto (the
+    default) is the file's own: an exported file is the one candidate there is."""
+    onnx_file = getattr(args, "onnx", None) is not None
+    precision = getattr(args, "precision", None)
+    if onnx_file and precision == AUTO:
+        precision = None
+    return resolve_plan(backend=getattr(args, "backend", None), precision=precision,
                         device=getattr(args, "device", "cpu") or "cpu", threads=getattr(args, "threads", None),
-                        int8_layers=getattr(args, "int8_layers", None),
-                        onnx_file=getattr(args, "onnx", None) is not None)
+                        int8_layers=getattr(args, "int8_layers", None), onnx_file=onnx_file)
 
 
 __all__ = ["RunPlan", "resolve_plan", "named_plan", "plan_name", "add_plan_arguments", "plan_from_args", "PLAN_FLAGS",

@@ -314,36 +314,55 @@ def _float_output(module, args, output):
 # ---------------------------------------------------------------------------------------
 # Which backend runs which precision, and the ``auto`` choice
 
-def auto_candidates(backend: str | None, device="cpu") -> list[tuple[str, str]]:
-    """The ``(backend, precision)`` pairs ``auto`` tries on ``device``, fastest first: those
-    of :data:`sfs_fast.plan.AUTO_ORDER` the hardware supports (:func:`capabilities`),
-    restricted to ``backend`` when one is given (``compile`` takes the ``fused`` entries),
-    fp32 last."""
+def auto_choices(backend: str | None, device="cpu") -> tuple[list[tuple[str, str]], list[dict]]:
+    """What ``auto`` may choose from on ``device``: ``(candidates, ruled_out)``.
+
+    ``candidates``: the ``(backend, precision)`` pairs of :data:`sfs_fast.plan.AUTO_ORDER`
+    that the hardware supports (:func:`capabilities`), restricted to ``backend`` when one is
+    given (``compile`` takes the ``fused`` entries), fp32 last. ``ruled_out``: the pairs of
+    that order (for that backend) the machine cannot run fast, as
+    ``{"backend", "precision", "why"}``, so a report can say why a faster path was not tried."""
     kind = torch.device(device).type
     caps = capabilities(device)
-    out = []
+    candidates, ruled_out = [], []
     for cand_backend, prec in AUTO_ORDER.get(kind, AUTO_ORDER["cpu"]):
-        if prec != "fp32" and not caps.get(prec, False):
-            continue
         if backend is not None:
             if backend == "eager":
-                break
+                break  # the eager baseline is float32 only
             if (cand_backend == "onnx") != (backend == "onnx"):
                 continue
             cand_backend = backend
-        if prec == "int8":
-            try:
-                import onnxruntime  # noqa: F401
-            except ImportError:
-                continue
-        out.append((cand_backend, prec))
+        if prec != "fp32" and not caps.get(prec, False):
+            ruled_out.append({"backend": cand_backend, "precision": prec, "why": caps["why"].get(prec, "unsupported")})
+            continue
+        if prec == "int8" and not _has_onnxruntime():
+            ruled_out.append({"backend": cand_backend, "precision": prec, "why": "onnxruntime is not installed"})
+            continue
+        candidates.append((cand_backend, prec))
     fallback = (backend or "fused", "fp32")
-    if fallback not in out:
-        out.append(fallback)
-    return out
+    if fallback not in candidates:
+        candidates.append(fallback)
+    return candidates, ruled_out
+
+
+def _has_onnxruntime() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def auto_candidates(backend: str | None, device="cpu") -> list[tuple[str, str]]:
+    """The ``(backend, precision)`` pairs ``auto`` tries on ``device`` (the first part of
+    :func:`auto_choices`)."""
+    return auto_choices(backend, device)[0]
 
 
 AUTO_CHECK_IMAGES = 8  # images ``auto`` checks each candidate on (sfs_fast.samples.check_images)
+# Timed calls of each candidate within the budget, on the check batch, after the check's own
+# call (the warm-up): few, because the machines are shared and the first run pays for them.
+AUTO_TIMED_CALLS = 2
 
 
 def reference_outputs(model: nn.Module, images: torch.Tensor) -> dict:

@@ -7,6 +7,9 @@ _CACHE = tempfile.mkdtemp(prefix="sfs_fast_test_cache_")
 os.environ.setdefault("XDG_CACHE_HOME", _CACHE)
 os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(_CACHE, "inductor"))
 os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(_CACHE, "triton"))
+# Precision auto's decisions (sfs_fast.plan_cache): one folder per session, never the user's,
+# so no test reads a decision another run made on other weights, software or hardware.
+os.environ["SFS_FAST_PLAN_CACHE"] = os.path.join(_CACHE, "plans")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

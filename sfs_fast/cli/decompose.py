@@ -222,8 +222,9 @@ def print_summary(summary: Summary, load_s: float, as_json: bool, prog: str = PR
         return
     wall, ok = data["wall_s"], summary.ok
     rate = f", {data['images_per_s']:.1f} images/s" if ok and data["images_per_s"] else ""
+    why = f", {data['plan_reason']}" if data.get("plan_reason") else ""
     print(f"{prog}: {stopped}{ok} ok, {summary.skipped} skipped, {summary.failed} failed in {wall:.1f} s{rate} "
-          f"({data['backend']} {data['precision'] or 'fp32'}); manifest {summary.manifest}", file=sys.stderr)
+          f"({data['backend']} {data['precision'] or 'fp32'}{why}); manifest {summary.manifest}", file=sys.stderr)
 
 
 def decompose(args) -> int:

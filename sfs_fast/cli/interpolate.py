@@ -184,13 +184,14 @@ def interpolate(args) -> int:
             images.save_png(out_dir / f"{i}_relight.png", strip_image(o, light_b, args.steps))
     images.save_text(out_dir / "inputs.txt", "".join(f"{i}\t{p.item.path}\n" for i, p in enumerate(pictures)))
 
-    summary = {"ok": len(pictures), "failed": failed, "method": dec.method, "strips": strips,
+    summary = {"ok": len(pictures), "failed": failed, "method": dec.method, "backend": dec.backend,
+               "precision": dec.precision, "plan_reason": dec.plan_reason, "strips": strips,
                "steps": args.steps, "output": str(out_dir)}
     if args.json:
         print(json.dumps(summary))
     else:
-        print(f"{PROG}: {len(pictures)} pictures dumped{' with strips' if strips else ''}, {failed} failed; "
-              f"output in {out_dir}", file=sys.stderr)
+        print(f"{PROG}: {len(pictures)} pictures dumped{' with strips' if strips else ''}, {failed} failed "
+              f"({dec.backend} {dec.precision}, {dec.plan_reason}); output in {out_dir}", file=sys.stderr)
     return EXIT_OK if failed == 0 else EXIT_PARTIAL
 
 
