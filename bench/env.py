@@ -8,30 +8,14 @@ import platform
 
 import torch
 
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from sfs_fast.precision import cpu_flags, cpu_model
 
 
 def _cpu_flags() -> list[str]:
     """The CPU features that decide which kernels run fast (AVX-512, VNNI, AMX)."""
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_int8", "amx_tile")
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return [w for w in wanted if w in flags]
-    except OSError:
-        pass
-    return []
+    flags = cpu_flags()
+    return [w for w in wanted if w in flags]
 
 
 def _version(module: str):
@@ -67,7 +51,7 @@ def capture(*, device: str = "cpu", threads: int | None = None, dtype: str = "fl
         "host": platform.node(),
         "platform": platform.platform(),
         "python": platform.python_version(),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cpu_flags": _cpu_flags(),
         "cores": os.cpu_count(),
         "gpu": gpu,

@@ -50,22 +50,9 @@ def plans_dir() -> Path | None:
     return Path(override).expanduser() if override else cache_dir() / "plans"
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-
-    return platform.processor() or platform.machine()
-
-
 def hardware(device) -> dict:
     """What the timings and the supported precisions of ``device`` depend on."""
-    from sfs_fast.precision import capabilities
+    from sfs_fast.precision import capabilities, cpu_model
 
     dev = torch.device(device)
     caps = {k: v for k, v in capabilities(dev).items() if k != "why"}
@@ -74,7 +61,7 @@ def hardware(device) -> dict:
         chip = {"gpu": torch.cuda.get_device_name(index),
                 "compute_capability": list(torch.cuda.get_device_capability(index))}
     else:
-        chip = {"cpu": _cpu_model(), "cpus": os.cpu_count()}
+        chip = {"cpu": cpu_model(), "cpus": os.cpu_count()}
     return {"capabilities": caps, **chip, "threads": torch.get_num_threads()}
 
 

@@ -158,16 +158,28 @@ def format_metrics(report: dict) -> str:
 _FORCED: dict = {}
 
 
-def cpu_flags() -> set:
-    """The CPU feature flags of ``/proc/cpuinfo`` (empty where there is none)."""
+def _cpuinfo_field(name: str) -> str | None:
+    """The value of the first ``name`` line of ``/proc/cpuinfo`` (None where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith(name):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def cpu_flags() -> set:
+    """The CPU feature flags of ``/proc/cpuinfo`` (empty where there is none)."""
+    return set((_cpuinfo_field("flags") or "").split())
+
+
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``, else what :mod:`platform` says)."""
+    import platform
+
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 @contextlib.contextmanager
