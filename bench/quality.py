@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -120,16 +121,19 @@ def plausibility(out: dict, images: torch.Tensor, mask: torch.Tensor) -> dict:
     return result
 
 
-def evaluate(method: int, truth: dict, lights: int, examples: torch.Tensor, mask: torch.Tensor) -> dict:
-    """One row: the method's bundled weights through the Decomposer (eager fp32)."""
+def evaluate(method, truth: dict, lights: int, examples: torch.Tensor, mask: torch.Tensor, spec=None) -> dict:
+    """One row: the method's bundled weights (or ``spec``: a checkpoint or registered name,
+    whose file says the method) through the Decomposer (eager fp32)."""
     from sfs_fast import Decomposer, weights
 
-    path = weights.default_weights(method)
-    if path is None:
-        return {"method": method, "status": "no bundled weights"}
-    dec = Decomposer(weights.load(path).eval(), plan=_eager_plan())
+    if spec is None:
+        spec = weights.default_weights(method)
+        if spec is None:
+            return {"method": method, "status": "no bundled weights"}
+    model = weights.load_any(spec, method).eval()
+    dec = Decomposer(model, plan=_eager_plan())
     out = _decompose(dec, truth["image"])
-    row = {"method": method, "status": "ok", "weights": str(path.name), **heldout_scores(out, truth, lights)}
+    row = {"method": dec.method, "status": "ok", "weights": Path(str(spec)).name, **heldout_scores(out, truth, lights)}
     row.update({f"examples_{k}": v for k, v in plausibility(_decompose(dec, examples), examples, mask).items()})
     return row
 
@@ -145,14 +149,14 @@ def _decompose(dec, images: torch.Tensor, batch: int = 16) -> dict:
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def run(methods, faces: int, lights: int) -> dict:
+def run(methods, faces: int, lights: int, spec=None) -> dict:
     from sfs_fast.faces import template_mask
     from sfs_fast.samples import example_faces
 
     truth = heldout_faces(faces, lights)
     examples = torch.from_numpy(example_faces())
     mask = torch.from_numpy(template_mask() > 0.5)
-    rows = [evaluate(m, truth, lights, examples, mask) for m in methods]
+    rows = [evaluate(m, truth, lights, examples, mask, spec) for m in methods]
     return {"kind": "quality", "faces": faces, "lights": lights, "seed": HELDOUT_SEED,
             "baseline": baseline_scores(truth, lights), "results": rows}
 
@@ -182,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="all", help="method ids, comma-separated, or all (default all)")
     p.add_argument("--faces", type=int, default=24, help="held-out generator faces (default 24)")
     p.add_argument("--lights", type=int, default=3, help="relit versions of each face (default 3; at least 2)")
+    p.add_argument("--weights", default=None, help="a checkpoint or registered name to measure instead of the "
+                   "bundled weights (with one --method, or none: the file's)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads")
     p.add_argument("--json", default=None, metavar="OUT", help="write the result as JSON")
     p.add_argument("--markdown", default=None, metavar="OUT", help="write the table as Markdown")
@@ -205,7 +211,10 @@ def _run(args) -> int:
         raise CommandError("--faces must be >= 1 and --lights >= 2", 2)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    result = run(_methods(args.method), args.faces, args.lights)
+    methods = _methods(args.method) if args.weights is None or args.method != "all" else [None]
+    if args.weights is not None and len(methods) != 1:
+        raise CommandError("--weights: give at most one --method", 2)
+    result = run(methods, args.faces, args.lights, args.weights)
     table = format_table(result)
     print(table)
     if args.json:

@@ -76,3 +76,5 @@ def test_command_rows_and_bad_input(tmp_path, capsys):
     assert cli.main(["quality", "--lights", "1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--lights >= 2" in err[0]
+    assert cli.main(["quality", "--weights", "demo-0", "--method", "0,3"]) == 2
+    assert "at most one --method" in capsys.readouterr().err
