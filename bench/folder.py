@@ -34,7 +34,9 @@ class StandInDecomposer:
 
     method, backend, precision = 0, "stand-in", "fp32"
 
-    def __init__(self):
+    def __init__(self, plan=None):
+        """``plan`` is ignored: the stand-in is a decomposer factory for the Ray engine too
+        (``make(plan) -> decomposer``)."""
         from sfs_fast.models import output_names
 
         self.output_names = list(output_names(0))

@@ -45,7 +45,9 @@ from sfs_fast.optimize import FUSED_OPTIONS, eager_reference, optimize_for_infer
 from sfs_fast.plan import BACKENDS, FUSED_BACKENDS, LOW_PRECISION_CPU_MICRO_BATCH, RunPlan, resolve_plan
 
 INPUT_SIZE = 128
-__all__ = ["Decomposer", "auto_plan", "describe_plan_choice", "BACKENDS", "INPUT_SIZE", "LOW_PRECISION_CPU_MICRO_BATCH"]
+RANDOM_WEIGHTS_NOTE = "no trained weights given: the model has random weights, so the outputs are not meaningful"
+__all__ = ["Decomposer", "auto_plan", "describe_plan_choice", "load_model", "BACKENDS", "INPUT_SIZE",
+           "LOW_PRECISION_CPU_MICRO_BATCH"]
 
 
 class Decomposer:
@@ -138,25 +140,11 @@ class Decomposer:
         self.plan = dataclasses.replace(plan, precision=file_precision, int8_layers=layers)
 
     def _resolve_model(self, model, method, weights):
-        from sfs_fast import weights as weights_mod
-
-        if model is None and weights is not None:
-            model = weights_mod.load_any(weights, method=method)
-        elif model is None:
-            m = method_id(method if method is not None else 0)
-            default = weights_mod.default_weights(m)
-            if default is not None:
-                model = weights_mod.load(default)
-                note = weights_mod.default_weights_note(m)  # the demo weights say what they are
-                self.notes += [note] if note else []
-            else:
-                self.notes.append("no trained weights given: the model has random weights, so the outputs "
-                                  "are not meaningful")
-                warnings.warn(self.notes[-1], stacklevel=3)
-                model = build_model(method if method is not None else 0)
-        elif method is not None and method_id(method) != model.method:
-            raise ValueError(f"model is method {model.method}, not method {method_id(method)}")
-        return model.eval()
+        model, notes = load_model(model, method=method, weights=weights)
+        self.notes += notes
+        if RANDOM_WEIGHTS_NOTE in notes:  # worth a warning too, for callers that do not print notes
+            warnings.warn(RANDOM_WEIGHTS_NOTE, stacklevel=3)
+        return model
 
     def _prepare(self, onnx):
         plan = self.plan
@@ -210,6 +198,33 @@ class Decomposer:
 
     def __repr__(self):
         return f"Decomposer(method={self.method}, plan={self.plan})"
+
+
+def load_model(model=None, *, method=None, weights=None):
+    """The model a :class:`Decomposer` runs, without building its backend: ``model`` as
+    given (checked against ``method``), else ``weights`` loaded (anything
+    :func:`sfs_fast.weights.load_any` takes), else the method's default weights, else a
+    random model. Returns ``(model in eval mode, notes)``: one-line notes for the user (demo
+    or random weights). An engine that builds its Decomposers elsewhere (Ray actors) loads
+    the model once with this and ships it."""
+    from sfs_fast import weights as weights_mod
+
+    notes = []
+    if model is None and weights is not None:
+        model = weights_mod.load_any(weights, method=method)
+    elif model is None:
+        m = method_id(method if method is not None else 0)
+        default = weights_mod.default_weights(m)
+        if default is not None:
+            model = weights_mod.load(default)
+            note = weights_mod.default_weights_note(m)  # the demo weights say what they are
+            notes += [note] if note else []
+        else:
+            notes.append(RANDOM_WEIGHTS_NOTE)
+            model = build_model(method if method is not None else 0)
+    elif method is not None and method_id(method) != model.method:
+        raise ValueError(f"model is method {model.method}, not method {method_id(method)}")
+    return model.eval(), notes
 
 
 # ---------------------------------------------------------------------------------------

@@ -24,6 +24,13 @@ The stages, each usable alone (a distributed engine runs them as its own tasks):
 6. :func:`manifest_row` builds an input's line of ``OUT/manifest.jsonl``; :class:`Manifest`
    appends whole lines (a killed run leaves whole lines) and compacts them at the end.
 
+Engines: stages 3-6 are one class, :class:`PictureStages` (batches of crops, inference,
+encoding, ``finish``, the row); the manifest, counts, skips and summary are another,
+:class:`RunRecord`, kept where the run is driven. The local engine (:class:`FolderRun`,
+:func:`decompose_folder`) feeds the stages from decoder threads and encodes on a pool;
+:mod:`sfs_fast.ray_engine` runs stage 2 in Ray tasks and the stages in a pool of Ray actors,
+and writes their rows through the same :class:`RunRecord` on the driver.
+
 Resume: an input is skipped when its previous manifest row is ``ok`` (or ``skipped``) for the
 same formats and every output file that row lists exists, so it works when the number of
 outputs is only known after the run (faces); with the default preparer, an input whose
@@ -360,7 +367,7 @@ def prepare_picture(item: Item, options: FolderOptions) -> Picture:
     return picture
 
 
-def _prepare_safely(prepare, options, item: Item) -> Picture:
+def prepare_safely(prepare, options, item: Item) -> Picture:
     """Run a ``prepare`` hook; an exception from it fails this input, not the run."""
     try:
         return prepare(item, options)
@@ -606,30 +613,147 @@ class _InFlight:
         self.timings = dict(picture.timings, infer_ms=0.0, encode_ms=0.0)
 
 
-class FolderRun:
-    """The local engine's state for one run (see :func:`decompose_folder`): the decoder and
-    encoder pools, the manifest, the counts. Use :meth:`run` once."""
+class PictureStages:
+    """Stages 3-6 for decoded pictures, the same in every engine: the crops of many pictures
+    fill batches of ``options.batch_size``, each batch is inferred once, its crops are
+    encoded (on ``encode_pool``, or inline without one), and a picture's manifest row goes
+    to ``emit(row)`` once its last crop is written (after the ``finish`` hook).
 
-    def __init__(self, out_dir: Path, decomposer, options: FolderOptions, *, prepare=None,
-                 finish=None, progress=None):
+    The local engine feeds it from decoder threads and encodes on a pool; a Ray actor feeds
+    it the pictures of one Ray batch and encodes inline (its parallelism is the actor pool).
+    ``model_s`` and ``batches`` count the model calls that succeeded."""
+
+    def __init__(self, out_dir: Path, decomposer, options: FolderOptions, *, emit: Callable,
+                 finish: Callable | None = None, encode_pool=None):
         self.out_dir, self.decomposer, self.options = Path(out_dir), decomposer, options
-        self.prepare = prepare or prepare_picture
-        self.finish, self.progress = finish, progress
-        self.names = list(decomposer.output_names)
+        self.emit, self.finish, self.encode_pool = emit, finish, encode_pool
         # every row the model ran for says which path ran and why (resume keeps a skipped
         # input's old record: its files came from that run)
         self.plan_record = {"backend": getattr(decomposer, "backend", None),
                             "precision": getattr(decomposer, "precision", None),
                             "reason": getattr(decomposer, "plan_reason", None)}
+        self.lock = threading.Lock()
+        self.pending: list = []  # (in-flight picture, crop index) not yet inferred
+        self.encoding = collections.deque()
+        self.model_s = 0.0
+        self.batches = 0
+
+    def add(self, picture: Picture, stop: Callable = lambda: False) -> None:
+        """Queue ``picture``'s crops, inferring each batch as it fills; a picture without
+        crops gets its failed row at once. After a batch, ``stop()`` true drops the rest of
+        this picture's crops (its row is then never written: a rerun redoes it)."""
+        if not picture.crops:
+            self.emit(manifest_row(picture, "failed", picture.error or "nothing to decompose",
+                                   formats=self.options.formats))
+            return
+        state = _InFlight(picture, keep_outputs=self.finish is not None)
+        for index in range(len(picture.crops)):
+            self.pending.append((state, index))
+            if len(self.pending) == self.options.batch_size:
+                batch, self.pending = self.pending, []
+                self.run_batch(batch)
+                if stop():
+                    return
+
+    def flush(self) -> None:
+        """Infer the partial batch, then wait until every queued crop is written."""
+        if self.pending:
+            batch, self.pending = self.pending, []
+            self.run_batch(batch)
+        self.wait()
+
+    def wait(self) -> None:
+        while self.encoding:
+            self.encoding.popleft().result()
+
+    def _encode_later(self, func, *args) -> None:
+        if self.encode_pool is None:
+            func(*args)
+        else:
+            self.encoding.append(self.encode_pool.submit(func, *args))
+
+    def run_batch(self, batch: list) -> None:
+        """Infer one batch of ``(in_flight_picture, crop_index)`` and queue its encoding."""
+        crops = [state.picture.crops[i] for state, i in batch]
+        t0 = time.perf_counter()
+        try:
+            outs = infer(crops, self.decomposer)
+        except (RuntimeError, ValueError, MemoryError) as exc:
+            for state, index in batch:
+                self.crop_done(state, index, error=f"inference failed: {_first_line(exc)}")
+            return
+        dt = time.perf_counter() - t0
+        self.model_s += dt
+        self.batches += 1
+        for (state, index), out in zip(batch, outs):
+            self._encode_later(self.encode_one, state, index, out, dt * 1e3 / len(batch))
+        if self.options.grid:
+            self._encode_later(_write_grid, self.out_dir / "grids" / f"batch_{self.batches:05d}.png", crops, outs)
+        while len(self.encoding) > 2 * (len(batch) + 1):  # at most two batches being encoded
+            self.encoding.popleft().result()
+
+    def encode_one(self, state: _InFlight, index: int, outputs: dict, infer_ms: float) -> None:
+        t0 = time.perf_counter()
+        files, error = [], None
+        try:
+            files = encode_crop(state.picture.crops[index], outputs, self.out_dir, self.options.formats)
+        except Exception as exc:  # noqa: BLE001 - a full disk or an odd output fails this input, not the run
+            error = f"cannot write outputs: {_first_line(exc)}"
+        timings = {"infer_ms": infer_ms, "encode_ms": (time.perf_counter() - t0) * 1e3}
+        self.crop_done(state, index, files, outputs, error, timings)
+
+    def crop_done(self, state: _InFlight, index: int, files=(), outputs=None, error=None, timings=None) -> None:
+        """Record one crop; the picture's row is emitted when its last crop is in."""
+        with self.lock:
+            state.files += files
+            if error:
+                state.errors.append(error)
+            if state.outputs is not None:
+                state.outputs[index] = outputs
+            for key, value in (timings or {}).items():
+                state.timings[key] += value
+            state.pending -= 1
+            last = state.pending == 0
+        if last:
+            self.emit(self.picture_row(state))
+
+    def picture_row(self, state: _InFlight) -> dict:
+        """The finished picture's row, after the ``finish`` hook when there is one."""
+        timings = {k: round(v, 3) for k, v in state.timings.items()}
+        opts = self.options
+        if state.errors:
+            row = manifest_row(state.picture, "failed", state.errors[0], formats=opts.formats, timings=timings)
+            return {**row, "plan": self.plan_record}
+        extra = {}
+        if self.finish is not None:
+            try:
+                extra = dict(self.finish(state.picture, state.outputs) or {})
+            except Exception as exc:  # noqa: BLE001 - a hook's bug fails this input, not the run
+                return manifest_row(state.picture, "failed", f"finish failed: {_first_line(exc)}",
+                                    formats=opts.formats, timings=timings)
+        files = state.files + [Path(p) for p in extra.pop("outputs", [])]
+        row = manifest_row(state.picture, "ok", None, files, out_dir=self.out_dir, formats=opts.formats,
+                           timings=timings)
+        row.update(extra)
+        row["plan"] = self.plan_record
+        return row
+
+
+class RunRecord:
+    """What one run keeps on the machine that drives it, whatever the engine: the manifest
+    (one writer), the counts, the progress hook, the skips of a rerun, the summary.
+
+    ``output_names`` are the model's (a rerun with the default preparer also skips an input
+    whose expected files all exist without a manifest line)."""
+
+    def __init__(self, out_dir: Path, output_names, options: FolderOptions, *, prepare=None, progress=None):
+        self.out_dir, self.options = Path(out_dir), options
+        self.names = list(output_names)
+        self.prepare = prepare or prepare_picture
+        self.progress = progress
         self.manifest = Manifest(self.out_dir)
         self.counts = collections.Counter()
         self.lock = threading.Lock()
-        self.model_s = 0.0
-        self.batches = 0
-        self.encoding = collections.deque()
-        self.encode_pool = None
-
-    # rows and skips
 
     def write_row(self, row: dict) -> None:
         self.manifest.write(row)
@@ -670,111 +794,12 @@ class FolderRun:
             self.write_row(row)
         return todo
 
-    # the loop
+    def close(self, items: list[Item]) -> None:
+        """Compact the manifest to one line per input, in the order of ``items``."""
+        self.manifest.close([it.key for it in items])
 
-    def run(self, items: list[Item], stop: StopSignals) -> None:
-        """Decode ahead, fill batches with crops of many pictures, infer, encode in the
-        background; stop early when ``stop`` received a signal."""
-        opts = self.options
-        todo = self.skip_done(items)
-        decode_pool = ThreadPoolExecutor(opts.workers, thread_name_prefix="sfs-decode")
-        self.encode_pool = ThreadPoolExecutor(opts.workers, thread_name_prefix="sfs-encode")
-        prepare = functools.partial(_prepare_safely, self.prepare, opts)
-        try:
-            batch = []
-            window = max(2 * opts.batch_size, 2 * opts.workers)
-            for picture in _ordered(decode_pool, prepare, todo, window):
-                if stop.received:
-                    break
-                if not picture.crops:
-                    self.write_row(manifest_row(picture, "failed", picture.error or "nothing to decompose",
-                                                formats=opts.formats))
-                    continue
-                state = _InFlight(picture, keep_outputs=self.finish is not None)
-                for index in range(len(picture.crops)):
-                    batch.append((state, index))
-                    if len(batch) == opts.batch_size:
-                        self.run_batch(batch)
-                        batch = []
-                        if stop.received:
-                            break
-            if batch and not stop.received:
-                self.run_batch(batch)
-            while self.encoding:
-                self.encoding.popleft().result()
-        finally:
-            decode_pool.shutdown(wait=True, cancel_futures=True)
-            self.encode_pool.shutdown(wait=True)
-            self.manifest.close([it.key for it in items])
-
-    def run_batch(self, batch: list) -> None:
-        """Infer one batch of ``(in_flight_picture, crop_index)`` and queue its encoding."""
-        crops = [state.picture.crops[i] for state, i in batch]
-        t0 = time.perf_counter()
-        try:
-            outs = infer(crops, self.decomposer)
-        except (RuntimeError, ValueError, MemoryError) as exc:
-            for state, index in batch:
-                self.crop_done(state, index, error=f"inference failed: {_first_line(exc)}")
-            return
-        dt = time.perf_counter() - t0
-        self.model_s += dt
-        self.batches += 1
-        for (state, index), out in zip(batch, outs):
-            self.encoding.append(self.encode_pool.submit(self.encode_one, state, index, out, dt * 1e3 / len(batch)))
-        if self.options.grid:
-            path = self.out_dir / "grids" / f"batch_{self.batches:05d}.png"
-            self.encoding.append(self.encode_pool.submit(_write_grid, path, crops, outs))
-        while len(self.encoding) > 2 * (len(batch) + 1):  # at most two batches being encoded
-            self.encoding.popleft().result()
-
-    def encode_one(self, state: _InFlight, index: int, outputs: dict, infer_ms: float) -> None:
-        t0 = time.perf_counter()
-        files, error = [], None
-        try:
-            files = encode_crop(state.picture.crops[index], outputs, self.out_dir, self.options.formats)
-        except Exception as exc:  # noqa: BLE001 - a full disk or an odd output fails this input, not the run
-            error = f"cannot write outputs: {_first_line(exc)}"
-        timings = {"infer_ms": infer_ms, "encode_ms": (time.perf_counter() - t0) * 1e3}
-        self.crop_done(state, index, files, outputs, error, timings)
-
-    def crop_done(self, state: _InFlight, index: int, files=(), outputs=None, error=None, timings=None) -> None:
-        """Record one crop; the picture's row is written when its last crop is in."""
-        with self.lock:
-            state.files += files
-            if error:
-                state.errors.append(error)
-            if state.outputs is not None:
-                state.outputs[index] = outputs
-            for key, value in (timings or {}).items():
-                state.timings[key] += value
-            state.pending -= 1
-            last = state.pending == 0
-        if last:
-            self.write_row(self.picture_row(state))
-
-    def picture_row(self, state: _InFlight) -> dict:
-        """The finished picture's row, after the ``finish`` hook when there is one."""
-        timings = {k: round(v, 3) for k, v in state.timings.items()}
-        opts = self.options
-        if state.errors:
-            row = manifest_row(state.picture, "failed", state.errors[0], formats=opts.formats, timings=timings)
-            return {**row, "plan": self.plan_record}
-        extra = {}
-        if self.finish is not None:
-            try:
-                extra = dict(self.finish(state.picture, state.outputs) or {})
-            except Exception as exc:  # noqa: BLE001 - a hook's bug fails this input, not the run
-                return manifest_row(state.picture, "failed", f"finish failed: {_first_line(exc)}",
-                                    formats=opts.formats, timings=timings)
-        files = state.files + [Path(p) for p in extra.pop("outputs", [])]
-        row = manifest_row(state.picture, "ok", None, files, out_dir=self.out_dir, formats=opts.formats,
-                           timings=timings)
-        row.update(extra)
-        row["plan"] = self.plan_record
-        return row
-
-    def summary(self, inputs: int, interrupted: str | None, wall_s: float) -> Summary:
+    def summary(self, inputs: int, interrupted: str | None, wall_s: float, model_s: float, plan: dict) -> Summary:
+        """The run's :class:`Summary`; ``plan``: method, backend, precision of what ran."""
         ok, skipped, failed = self.counts["ok"], self.counts["skipped"], self.counts["failed"]
         if interrupted:
             code = 128 + signal.Signals[interrupted].value
@@ -782,15 +807,62 @@ class FolderRun:
             code = EXIT_OK
         else:
             code = EXIT_PARTIAL if ok + skipped > 0 else EXIT_ERROR
-        dec = self.decomposer
         timings = {"wall_s": round(wall_s, 3), "images_per_s": round(ok / wall_s, 3) if wall_s > 0 else None,
-                   "model_s": round(self.model_s, 3),
-                   "model_images_per_s": round(ok / self.model_s, 3) if self.model_s > 0 else None}
-        plan = {"method": getattr(dec, "method", None), "backend": self.plan_record["backend"],
-                "precision": self.plan_record["precision"], "plan_reason": self.plan_record["reason"],
-                "batch_size": self.options.batch_size}
+                   "model_s": round(model_s, 3),
+                   "model_images_per_s": round(ok / model_s, 3) if model_s > 0 else None}
+        plan = {**plan, "batch_size": self.options.batch_size}
         return Summary(ok, skipped, failed, inputs, inputs - ok - skipped - failed, interrupted, code,
                        timings, plan, str(self.manifest.path))
+
+
+def decomposer_plan(decomposer) -> dict:
+    """What a decomposer runs, for the summary: method, backend, precision, and why."""
+    return {"method": getattr(decomposer, "method", None), "backend": getattr(decomposer, "backend", None),
+            "precision": getattr(decomposer, "precision", None),
+            "plan_reason": getattr(decomposer, "plan_reason", None)}
+
+
+class FolderRun:
+    """The local engine's state for one run (see :func:`decompose_folder`): decoder threads
+    feeding one :class:`PictureStages` that encodes on a pool, and the :class:`RunRecord`.
+    Use :meth:`run` once."""
+
+    def __init__(self, out_dir: Path, decomposer, options: FolderOptions, *, prepare=None,
+                 finish=None, progress=None):
+        self.out_dir, self.decomposer, self.options = Path(out_dir), decomposer, options
+        self.prepare = prepare or prepare_picture
+        self.finish = finish
+        self.record = RunRecord(self.out_dir, decomposer.output_names, options, prepare=prepare,
+                                progress=progress)
+        self.stages = None
+
+    def run(self, items: list[Item], stop: StopSignals) -> None:
+        """Decode ahead, fill batches with crops of many pictures, infer, encode in the
+        background; stop early when ``stop`` received a signal."""
+        opts = self.options
+        todo = self.record.skip_done(items)
+        decode_pool = ThreadPoolExecutor(opts.workers, thread_name_prefix="sfs-decode")
+        encode_pool = ThreadPoolExecutor(opts.workers, thread_name_prefix="sfs-encode")
+        self.stages = PictureStages(self.out_dir, self.decomposer, opts, emit=self.record.write_row,
+                                    finish=self.finish, encode_pool=encode_pool)
+        prepare = functools.partial(prepare_safely, self.prepare, opts)
+        try:
+            window = max(2 * opts.batch_size, 2 * opts.workers)
+            for picture in _ordered(decode_pool, prepare, todo, window):
+                if stop.received:
+                    break
+                self.stages.add(picture, stop=lambda: stop.received is not None)
+            if not stop.received:
+                self.stages.flush()
+            self.stages.wait()
+        finally:
+            decode_pool.shutdown(wait=True, cancel_futures=True)
+            encode_pool.shutdown(wait=True)
+            self.record.close(items)
+
+    def summary(self, inputs: int, interrupted: str | None, wall_s: float) -> Summary:
+        model_s = self.stages.model_s if self.stages is not None else 0.0
+        return self.record.summary(inputs, interrupted, wall_s, model_s, decomposer_plan(self.decomposer))
 
 
 def _write_grid(path: Path, crops: list[Crop], outs: list[dict]) -> None:
@@ -804,6 +876,24 @@ def _as_items(inputs, out_dir: Path, options: FolderOptions) -> list[Item]:
     if any(not isinstance(x, Item) for x in inputs):
         attach_masks(assign_stems(items), options.masks)
     return items
+
+
+def start_run(inputs, out_dir, options: FolderOptions | None = None) -> tuple[FolderOptions, Path, list[Item]]:
+    """What every engine does before its first picture: check the options, list the inputs
+    (:func:`decompose_folder`'s ``inputs``), create OUT, remove a killed run's temporaries.
+    Returns ``(checked options, out_dir, items)``; :class:`PipelineError` when nothing can run."""
+    options = (options or FolderOptions()).checked()
+    out_dir = Path(out_dir)
+    items = _as_items(inputs, out_dir, options)
+    if not items:
+        raise PipelineError(f"{inputs}: no pictures found" if isinstance(inputs, (str, os.PathLike))
+                            else "no pictures given")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PipelineError(f"{out_dir}: cannot create the output folder ({exc.strerror or exc})") from None
+    remove_stale_temporaries(out_dir)
+    return options, out_dir, items
 
 
 def decompose_folder(inputs, out_dir, decomposer, options: FolderOptions | None = None, *,
@@ -826,17 +916,7 @@ def decompose_folder(inputs, out_dir, decomposer, options: FolderOptions | None 
 
     Returns a :class:`Summary`; raises :class:`PipelineError` when nothing can run.
     """
-    options = (options or FolderOptions()).checked()
-    out_dir = Path(out_dir)
-    items = _as_items(inputs, out_dir, options)
-    if not items:
-        raise PipelineError(f"{inputs}: no pictures found" if isinstance(inputs, (str, os.PathLike))
-                            else "no pictures given")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PipelineError(f"{out_dir}: cannot create the output folder ({exc.strerror or exc})") from None
-    remove_stale_temporaries(out_dir)
+    options, out_dir, items = start_run(inputs, out_dir, options)
     t0 = time.perf_counter()
     run = FolderRun(out_dir, decomposer, options, prepare=prepare, finish=finish, progress=progress)
     with StopSignals() as stop:
@@ -848,5 +928,6 @@ __all__ = [
     "MANIFEST", "PNG_KINDS", "FORMATS", "PipelineError", "Item", "Crop", "Picture", "FolderOptions", "Summary",
     "discover", "find_inputs", "read_list", "assign_stems", "attach_masks", "prepare_picture", "infer",
     "decompose_crops", "output_paths", "encode_outputs", "encode_crop", "grid_rows", "manifest_row",
-    "row_is_done", "outputs_exist", "Manifest", "StopSignals", "FolderRun", "decompose_folder",
+    "row_is_done", "outputs_exist", "Manifest", "StopSignals", "prepare_safely", "PictureStages", "RunRecord",
+    "decomposer_plan", "FolderRun", "start_run", "decompose_folder",
 ]

@@ -41,21 +41,44 @@ def run_command(prog: str, func, args) -> int:
         return getattr(exc, "code", EXIT_ERROR) if isinstance(exc, CommandError) else EXIT_ERROR
 
 
-def make_decomposer(args, prog: str):
-    """The Decomposer that ``args`` (``--method --weights --onnx --backend --precision
-    --device --threads``) ask for; its notes (random weights, emulated precision) are printed
-    as ``PROG: note: ...`` lines, its warnings not repeated."""
-    from sfs_fast.decomposer import Decomposer
+def checked_plan(args):
+    """The run plan of the model flags, after the checks every command makes on them."""
     from sfs_fast.plan import plan_from_args
 
     if args.onnx and args.backend not in (None, "onnx"):
         raise CommandError("--onnx needs --backend onnx (or no --backend)")
     if args.onnx and not Path(args.onnx).is_file():
         raise CommandError(f"{args.onnx}: no such ONNX file")
-    plan = plan_from_args(args)  # a missing checkpoint is load_any's to report (it also takes registry names)
+    return plan_from_args(args)  # a missing checkpoint is load_any's to report (it also takes registry names)
+
+
+def _print_notes(notes, prog: str) -> None:
+    for text in notes:
+        print(f"{prog}: note: {text}", file=sys.stderr)
+
+
+def make_decomposer(args, prog: str):
+    """The Decomposer that ``args`` (``--method --weights --onnx --backend --precision
+    --device --threads``) ask for; its notes (random weights, emulated precision) are printed
+    as ``PROG: note: ...`` lines, its warnings not repeated."""
+    from sfs_fast.decomposer import Decomposer
+
+    plan = checked_plan(args)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the Decomposer's notes say the same, once, below
         dec = Decomposer(method=args.method, weights=args.weights, onnx=args.onnx, plan=plan)
-    for text in getattr(dec, "notes", []):
-        print(f"{prog}: note: {text}", file=sys.stderr)
+    _print_notes(getattr(dec, "notes", []), prog)
     return dec
+
+
+def make_model_source(args, prog: str):
+    """What an engine whose Decomposers are built elsewhere (Ray actors) ships to them: the
+    model the same flags load, or the ``--onnx`` path; the plan is :func:`checked_plan`'s.
+    The model's notes (demo or random weights) are printed as for :func:`make_decomposer`."""
+    from sfs_fast.decomposer import load_model
+
+    if args.onnx:
+        return args.onnx
+    model, notes = load_model(method=args.method, weights=args.weights)
+    _print_notes(notes, prog)
+    return model

@@ -3,7 +3,8 @@ albedo, SH light, shading, residue and reconstruction, robustly and fast.
 
 The command is argument parsing, one call of :func:`sfs_fast.pipeline.decompose_folder` (the
 folder pipeline: decoding ahead, batching, inference, atomic writes, manifest, resume) and the
-summary line.
+summary line. ``--engine ray`` runs the same stages on Ray (:mod:`sfs_fast.ray_engine`,
+imported only then: the local engine never loads Ray).
 """
 from __future__ import annotations
 
@@ -47,6 +48,13 @@ picture resized to 128 (scale 0.7-1.4, rotation within 15 degrees, landmarks' ce
 gives. A picture in which no face is found fails with the reason "no face found".
 --paste writes the reconstruction and the shading blended back into the full-resolution
 photo through each face's feathered mask (pixels outside the masks are the photo's).
+
+Engines: "local" (default) decodes and encodes on threads of this process; "ray" runs the
+same stages on a Ray cluster (pip install "sfs_fast[ray]"): decoding in Ray tasks, a pool of
+--actors actors each holding the model (--actor-cpus CPUs and --actor-gpus GPUs each), the
+same output files and one manifest, written by this process as results come back. --address
+empty starts a local Ray; "auto" joins the cluster of this machine (ray start --head);
+HOST:PORT or ray://HOST:PORT a remote head. IN and OUT must be at the same path on every node.
 
 Masks: --masks DIR matches masks by relative path or stem (STEM.* or STEM_mask.*); without
 it, NAME_mask.* beside the picture is used (and, for SfSNet's NAME_face.png, NAME_mask.*).
@@ -125,9 +133,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-pixels", type=float, default=None,
                    help="refuse pictures with more pixels than this (default: 100e6)")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+    add_engine_arguments(p)
     add_face_arguments(p)
     add_debug_flag(p)
     return p
+
+
+RAY_FLAGS = {"address": "--address", "actors": "--actors", "actor_cpus": "--actor-cpus", "actor_gpus": "--actor-gpus"}
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """``--engine`` and the Ray engine's flags (``sfs_fast.ray_engine``)."""
+    g = p.add_argument_group("engine")
+    g.add_argument("--engine", choices=("local", "ray"), default="local",
+                   help="local (default): this process; ray: a Ray cluster (needs sfs_fast[ray])")
+    g.add_argument("--address", default=None, metavar="ADDR",
+                   help="ray: the cluster (auto, HOST:PORT, ray://HOST:PORT); empty (default): start a local Ray")
+    g.add_argument("--actors", type=int, default=None, metavar="N",
+                   help="ray: model actors (default: as many as the cluster's GPUs or CPUs hold)")
+    g.add_argument("--actor-cpus", type=float, default=None, metavar="C",
+                   help="ray: CPUs per actor, also its thread count (default 1)")
+    g.add_argument("--actor-gpus", type=float, default=None, metavar="G",
+                   help="ray: GPUs per actor, fractions share a GPU (default: 1 with --device cuda, else 0)")
+
+
+def ray_options_from(args):
+    """The :class:`~sfs_fast.ray_engine.RayOptions` of ``args`` (Ray not imported yet);
+    one-line errors for flags that do not fit the engine."""
+    given = [flag for name, flag in RAY_FLAGS.items() if getattr(args, name) is not None]
+    if args.engine != "ray":
+        if given:
+            raise CommandError(f"{', '.join(given)}: options of --engine ray")
+        return None
+    if args.actors is not None and args.actors < 1:
+        raise CommandError(f"--actors must be at least 1 (got {args.actors})")
+    if args.actor_cpus is not None and not args.actor_cpus > 0:
+        raise CommandError(f"--actor-cpus must be more than 0 (got {args.actor_cpus:g})")
+    if args.actor_gpus is not None and args.actor_gpus < 0:
+        raise CommandError(f"--actor-gpus must be >= 0 (got {args.actor_gpus:g})")
+    for flag, value in (("--grid", args.grid), ("--workers", args.workers is not None)):
+        if value:
+            raise CommandError(f"{flag} is an option of the local engine (Ray schedules the workers)")
+    from sfs_fast.ray_engine import RayOptions
+
+    return RayOptions(address=args.address or "", actors=args.actors, actor_cpus=args.actor_cpus or 1.0,
+                      actor_gpus=args.actor_gpus, debug=args.debug)
 
 
 def add_face_arguments(p: argparse.ArgumentParser, paste: bool = True) -> None:
@@ -228,6 +278,7 @@ def print_summary(summary: Summary, load_s: float, as_json: bool, prog: str = PR
 
 
 def decompose(args) -> int:
+    ray_options = ray_options_from(args)
     options = FolderOptions(recursive=args.recursive, masks=Path(args.masks) if args.masks else None,
                             fit=args.fit, batch_size=args.batch_size, workers=args.workers,
                             overwrite=args.overwrite, formats=parse_formats(args.formats), grid=args.grid,
@@ -240,12 +291,38 @@ def decompose(args) -> int:
     items = discover(src, out_dir, recursive=options.recursive, masks=options.masks)
     if not items:
         raise CommandError(f"{src}: no pictures found" + ("" if args.recursive else " (use -r for sub-folders)"))
+    if ray_options is not None:
+        return decompose_on_ray(args, items, out_dir, options, hooks, ray_options)
     t0 = time.perf_counter()
     dec = make_decomposer(args, PROG)
     load_s = time.perf_counter() - t0
     progress = ProgressBar(len(items))
     try:
         summary = decompose_folder(items, out_dir, dec, options, progress=progress, **hooks)
+    finally:
+        progress.close()
+    print_summary(summary, load_s, args.json)
+    return summary.exit_code
+
+
+def decompose_on_ray(args, items, out_dir: Path, options: FolderOptions, hooks: dict, ray_options) -> int:
+    """The run on Ray: the model is loaded here once and shipped to the actors, which build
+    their Decomposers from it and the plan of the flags."""
+    from sfs_fast.cli.common import checked_plan, make_model_source
+    from sfs_fast.ray_engine import check_reachable, decompose_folder_ray, import_ray
+
+    import_ray()  # a missing Ray, bad flags or an unreachable cluster: one line, before the model loads
+    plan = checked_plan(args)
+    ray_options = ray_options.checked(plan)
+    if ray_options.address not in ("", "auto"):
+        check_reachable(ray_options.address)
+    t0 = time.perf_counter()
+    model = make_model_source(args, PROG)
+    load_s = time.perf_counter() - t0
+    progress = ProgressBar(len(items))
+    try:
+        summary = decompose_folder_ray(items, out_dir, model, plan, options, ray_options=ray_options,
+                                       progress=progress, **hooks)
     finally:
         progress.close()
     print_summary(summary, load_s, args.json)
