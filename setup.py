@@ -104,8 +104,6 @@ setup(
         "plot": ["matplotlib>=3.5"],
         # face detection (YuNet through cv2.FaceDetectorYN) and alignment: sfs_fast.faces
         "faces": ["opencv-python-headless>=4.8"],
-        # sfs-decompose --engine ray (sfs_fast.ray_engine): Ray Data's actor pools
-        "ray": ["ray[data]>=2.9"],
         "test": [
             "pytest>=7",
             "pybind11>=2.10",  # the CUDA binding's compile check needs its headers
@@ -114,7 +112,6 @@ setup(
             "onnxslim>=0.1.30",
             "matplotlib>=3.5",
             "opencv-python-headless>=4.8",
-            "ray[data]>=2.9; platform_system == 'Linux' and platform_machine == 'x86_64'",
             "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
         ],
     },
