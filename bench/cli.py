@@ -5,6 +5,7 @@
     sfs-bench train --method all --batch 2
     sfs-bench folder                  # the folder pipeline's peak RSS at 200 and 2,000 pictures
     sfs-bench faces                   # detection + alignment + paste-back per photo, beside the model
+    sfs-bench ray                     # images/s on 1 and 2 local Ray actors vs the local engine, Ray's overhead
 
 Every figure is a median of ``--runs`` timed runs after ``--warmup`` untimed ones, inputs
 rotated, threads pinned; every path is compared with the baseline in the same run.
@@ -184,6 +185,9 @@ def main(argv=None) -> int:
     if list(sys.argv[1:] if argv is None else argv)[:1] == ["folder"]:  # own flags: bench/folder.py
         from .folder import main as folder_main
         return folder_main(list(sys.argv[2:] if argv is None else argv[1:]))
+    if list(sys.argv[1:] if argv is None else argv)[:1] == ["ray"]:  # own flags: bench/folder_ray.py
+        from .folder_ray import main as ray_main
+        return ray_main(list(sys.argv[2:] if argv is None else argv[1:]))
     if list(sys.argv[1:] if argv is None else argv)[:1] == ["faces"]:  # own flags: bench/faces.py
         from .faces import main as faces_main
         return faces_main(list(sys.argv[2:] if argv is None else argv[1:]))

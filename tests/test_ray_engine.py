@@ -257,3 +257,15 @@ def test_local_engine_imports_no_ray(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[0] == "0" and done.stdout.strip().endswith("[]"), done.stdout
     assert np.asarray(Image.open(tmp_path / "out" / "a_normal.png")).shape == (128, 128, 3)
+
+
+@pytest.mark.slow
+def test_ray_bench_runs(local_ray):
+    """sfs-bench ray on a few pictures (speed is the bench's to report, not a test's)."""
+    from sfs_fast.bench.folder_ray import format_table, run_ray_bench
+
+    result = run_ray_bench(4, actors=(1,), kinds=("stand-in",), batch_size=2)
+    assert [(r["engine"], r["decomposer"]) for r in result["results"]] == [("local", "stand-in"),
+                                                                        ("ray x1", "stand-in")]
+    assert all(r["startup_s"] >= 0 and r["wall_s"] > 0 for r in result["results"])
+    assert "ray x1" in result["ray_overhead_ms_per_image"] and "Ray overhead" in format_table(result)
