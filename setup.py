@@ -104,6 +104,8 @@ setup(
         "plot": ["matplotlib>=3.5"],
         # face detection (YuNet through cv2.FaceDetectorYN) and alignment: sfs_fast.faces
         "faces": ["opencv-python-headless>=4.8"],
+        # sfs-decompose --engine ray: Ray Data's actor pools (ActorPoolStrategy(size=...)) and map_batches
+        "ray": ["ray[data]>=2.9"],
         "test": [
             "pytest>=7",
             "pybind11>=2.10",  # the CUDA binding's compile check needs its headers
@@ -113,6 +115,7 @@ setup(
             "matplotlib>=3.5",
             "opencv-python-headless>=4.8",
             "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
+            "ray[data]>=2.9; platform_system == 'Linux' and platform_machine == 'x86_64'",
         ],
     },
     entry_points={

@@ -69,6 +69,12 @@ def _without_timings(rows: dict) -> dict:
     return {key: {k: v for k, v in row.items() if k != "timings_ms"} for key, row in rows.items()}
 
 
+# good pictures of tests/pictures.make_mixed_folder left out here (the local engine's tests
+# cover every kind; these are many decodable variants of one thing)
+KEEP_OUT = ("grey16.png", "rgb16.png", "grey.jpg", "cmyk.jpg", "exif rotated.jpg", "jpeg named png.png",
+            "sub/deeper/deep.webp", "rgba.png")
+
+
 def _run_cli(argv, capsys):
     code = cli.main(argv)
     captured = capsys.readouterr()
@@ -78,24 +84,27 @@ def _run_cli(argv, capsys):
 def test_mixed_folder_same_on_both_engines_then_rerun(local_ray, tmp_path, capsys, keep_threads):
     """One mixed folder (good and broken pictures) through the real command on both engines:
     byte-identical pictures, the same rows (statuses, reasons, crops, outputs), the same exit
-    code; the run plan (backend eager, not the default) and the face preparer (--faces auto)
-    reach the Ray workers; a rerun skips every finished input without starting any work."""
+    code; the face preparer (--faces auto) runs in the Ray tasks; a rerun skips every
+    finished input without starting any work."""
     src = tmp_path / "in"
     good, bad = make_mixed_folder(src)
+    for rel in KEEP_OUT:  # every broken kind, a few good ones: the real model costs ~0.3 s a picture
+        (src / rel).unlink()
+        good.pop(rel)
     # batch 1 and one thread: both engines call the model on the same batches with the same
     # threads (a convolution may round differently for another batch shape or thread count)
-    common = [str(src), "-r", "--method", "0", "--backend", "eager", "--precision", "fp32", "--threads", "1",
-              "--batch-size", "1", "--faces", "auto", "--json"]
+    common = [str(src), "-r", "--method", "0", "--precision", "fp32", "--threads", "1", "--batch-size", "1",
+              "--faces", "auto", "--json"]
     local_out, ray_out = tmp_path / "local", tmp_path / "ray"
     local_code, local_summary, _ = _run_cli([common[0], str(local_out), *common[1:]], capsys)
-    ray_argv = [common[0], str(ray_out), *common[1:], "--engine", "ray", "--actors", "2", "--actor-cpus", "0.5"]
+    ray_argv = [common[0], str(ray_out), *common[1:], "--engine", "ray", "--actors", "1"]
     ray_code, ray_summary, ray_err = _run_cli(ray_argv, capsys)
 
     assert ray_code == local_code == EXIT_PARTIAL
     counts = ("ok", "skipped", "failed", "inputs", "remaining")
     assert {k: ray_summary[k] for k in counts} == {k: local_summary[k] for k in counts}
     assert ray_summary["ok"] > 0 and ray_summary["failed"] >= len(bad)
-    assert (ray_summary["backend"], ray_summary["precision"]) == ("eager", "fp32")  # as the actors report it
+    assert (ray_summary["backend"], ray_summary["precision"]) == ("fused", "fp32")  # as the actor reports it
     local_rows, ray_rows = _rows(local_out), _rows(ray_out)
     assert set(ray_rows) == set(good) | set(bad)
     assert _without_timings(ray_rows) == _without_timings(local_rows)
@@ -160,6 +169,11 @@ class KillableStandIn(StandInDecomposer):
     def __init__(self, plan=None, coordinator=None):
         super().__init__(plan)
         self.coordinator, self.registered = coordinator, False
+        import ray
+
+        # the summary reports what the actors built (the driver builds one too, outside any actor)
+        where = " in an actor" if ray.get_runtime_context().get_actor_id() is not None else ""
+        self.backend = f"stand-in for {plan.backend}{where}"
 
     def decompose(self, x):
         import ray
@@ -168,7 +182,7 @@ class KillableStandIn(StandInDecomposer):
             self.registered = True
             actor = ray.get_runtime_context().current_actor
             ray.get(ray.get_actor(self.coordinator).register.remote(actor))
-        time.sleep(0.3)
+        time.sleep(0.2)
         return super().decompose(x)
 
 
@@ -177,15 +191,17 @@ def test_killed_actor_still_finishes_every_input(local_ray, killer, tmp_path):
 
     name, killed = killer
     src, out = tmp_path / "in", tmp_path / "out"
-    n = 16
+    n = 12
     make_pictures(src, n)
 
     def factory(plan):
         return KillableStandIn(plan, coordinator=name)
 
-    summary = decompose_folder_ray(src, out, factory, resolve_plan(), FolderOptions(batch_size=2),
+    plan = resolve_plan(backend="eager")  # not the default: the actors build from this plan
+    summary = decompose_folder_ray(src, out, factory, plan, FolderOptions(batch_size=2),
                                    ray_options=RayOptions(actors=2, actor_cpus=0.5))
     assert killed, "no actor was killed"
+    assert summary.plan["backend"] == "stand-in for eager in an actor"
     assert (summary.ok, summary.failed, summary.remaining, summary.exit_code) == (n, 0, 0, EXIT_OK)
     rows = _rows(out)
     assert len(rows) == n and all(r["status"] == "ok" for r in rows.values())
@@ -241,3 +257,15 @@ def test_local_engine_imports_no_ray(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split()[0] == "0" and done.stdout.strip().endswith("[]"), done.stdout
     assert np.asarray(Image.open(tmp_path / "out" / "a_normal.png")).shape == (128, 128, 3)
+
+
+@pytest.mark.slow
+def test_ray_bench_runs(local_ray):
+    """sfs-bench ray on a few pictures (speed is the bench's to report, not a test's)."""
+    from sfs_fast.bench.folder_ray import format_table, run_ray_bench
+
+    result = run_ray_bench(4, actors=(1,), kinds=("stand-in",), batch_size=2)
+    assert [(r["engine"], r["decomposer"]) for r in result["results"]] == [("local", "stand-in"),
+                                                                        ("ray x1", "stand-in")]
+    assert all(r["startup_s"] >= 0 and r["wall_s"] > 0 for r in result["results"])
+    assert "ray x1" in result["ray_overhead_ms_per_image"] and "Ray overhead" in format_table(result)
