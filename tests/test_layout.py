@@ -15,8 +15,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = {"sfs_fast": "sfs_fast", "sfs_fast/cli": "sfs_fast.cli", "kernels": "sfs_fast.kernels",
             "export": "sfs_fast.export", "bench": "sfs_fast.bench", "training": "sfs_fast.training"}
 ABOVE_CORE = ("sfs_fast.export", "sfs_fast.bench", "sfs_fast.training", "sfs_fast.cli")
-# (importing module, imported module): allowed only inside a function
-LAZY_UPWARD = {("sfs_fast.decomposer", "sfs_fast.export")}
+# (importing module, imported module): allowed only inside a function (the ONNX runner, for
+# the onnx backend of the Decomposer and of the Ray engine's actors)
+LAZY_UPWARD = {("sfs_fast.decomposer", "sfs_fast.export"), ("sfs_fast.ray_engine", "sfs_fast.export")}
 
 
 def modules():
