@@ -4,7 +4,9 @@
     sfs-bench op                      # the shading op micro benchmark (sfs_fast.bench.op)
     sfs-bench train --method all --batch 2
     sfs-bench folder                  # the folder pipeline's peak RSS at 200 and 2,000 pictures
+    sfs-bench folder --speed          # the folder run (sfs-decompose's pipeline) beside the model alone
     sfs-bench faces                   # detection + alignment + paste-back per photo, beside the model
+    sfs-bench latency                 # p50/p99 against batch, time to first output, peak RSS per path
 
 Every figure is a median of ``--runs`` timed runs after ``--warmup`` untimed ones, inputs
 rotated, threads pinned; every path is compared with the baseline in the same run.
@@ -187,6 +189,9 @@ def main(argv=None) -> int:
     if list(sys.argv[1:] if argv is None else argv)[:1] == ["faces"]:  # own flags: bench/faces.py
         from sfs_fast.bench.faces import main as faces_main
         return faces_main(list(sys.argv[2:] if argv is None else argv[1:]))
+    if list(sys.argv[1:] if argv is None else argv)[:1] == ["latency"]:  # own flags: bench/latency.py
+        from sfs_fast.bench.latency import main as latency_main
+        return latency_main(list(sys.argv[2:] if argv is None else argv[1:]))
     parser = build_parser()
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
