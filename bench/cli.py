@@ -7,6 +7,7 @@
     sfs-bench faces                   # detection + alignment + paste-back per photo, beside the model
     sfs-bench quality                 # bundled weights per method vs constant guesses (held-out renders, examples)
     sfs-bench ray                     # images/s on 1 and 2 local Ray actors vs the local engine, Ray's overhead
+    sfs-bench latency                 # p50/p99 against batch, time to first output, peak RSS per path
 
 Every figure is a median of ``--runs`` timed runs after ``--warmup`` untimed ones, inputs
 rotated, threads pinned; every path is compared with the baseline in the same run.
@@ -184,7 +185,7 @@ def _run_op(args, log) -> dict:
 
 # sfs-bench subcommands with flags of their own: name -> module with main(argv)
 OWN_FLAGS = {"folder": "sfs_fast.bench.folder", "faces": "sfs_fast.bench.faces", "quality": "sfs_fast.bench.quality",
-             "ray": "sfs_fast.bench.folder_ray"}
+             "ray": "sfs_fast.bench.folder_ray", "latency": "sfs_fast.bench.latency"}
 
 
 def main(argv=None) -> int:

@@ -14,12 +14,22 @@ Paths are the named plans of :data:`sfs_fast.plan.NAMED_PLANS`:
   (``sfs_fast.precision.to_low_precision``), eager or compiled.
 - ``tensorrt``: the fp16 file on ONNX Runtime's TensorRT provider.
 
+Peers (:mod:`sfs_fast.bench.peers`, bench-only runners, not Decomposer paths): ``openvino`` and
+``openvino-bf16``, OpenVINO's CPU plugin on the same exported fp32 file, with what OpenVINO
+reports it ran at.
+
+Floors per precision: each row's floor splits the model's FLOPs by the precision each layer
+computes in on that path (:func:`sfs_fast.bench.floors.path_layer_precisions`; a peer: the
+runtime precision OpenVINO reports), each part over its precision's matrix rate measured in
+the run; ``floor_fp32_ms`` is the all-fp32 floor beside it.
+
 A path that cannot run here (no such hardware, an optional package not installed) is listed
 with ``status: "skipped"`` and the reason; one that breaks is listed as ``failed``.
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -28,11 +38,14 @@ from sfs_fast.plan import NAMED_PLANS, RunPlan, named_plan
 from sfs_fast.precision import output_error
 from sfs_fast.samples import face_like_images
 
-from sfs_fast.bench.floors import compute_floor_ms, count_flops, measure_gemm_rate
+from sfs_fast.bench.floors import (MATMUL_PRECISIONS, compute_floor_ms, layer_flops, measure_gemm_rate,
+                                   measure_matmul_rate, mixed_floor_ms, path_layer_precisions, precision_mix,
+                                   rate_line)
+from sfs_fast.bench.peers import PEER_PATHS, PeerUnavailable, make_peer, module_precisions
 from sfs_fast.bench.timing import time_calls
 
-PATHS = tuple(NAMED_PLANS)
-DEFAULT_PATHS = ("eager", "fused", "compile", "onnx", "onnx-int8", "bf16")
+PATHS = tuple(NAMED_PLANS) + tuple(PEER_PATHS)
+DEFAULT_PATHS = ("eager", "fused", "compile", "onnx", "onnx-int8", "bf16", "openvino", "openvino-bf16")
 INPUT_SIZE = 128
 ROTATED_INPUTS = 3
 
@@ -74,7 +87,7 @@ def path_plan(path: str, *, device: str, threads: int | None, fused_options: dic
     from sfs_fast.precision import capabilities
 
     if path not in NAMED_PLANS:
-        raise ValueError(f"paths: unknown path {path!r}; choose from {', '.join(PATHS)}")
+        raise ValueError(f"paths: unknown path {path!r}; choose from {', '.join(PATHS)}")  # peers: make_peer
     try:
         plan = named_plan(path, device=device, threads=threads, optimizations=fused_options)
     except ValueError as exc:  # e.g. PyTorch fp16 on the CPU
@@ -99,31 +112,43 @@ def make_decomposer(path: str, model, *, device: str, threads: int | None, fused
     when it cannot run here."""
     from sfs_fast.decomposer import Decomposer
 
+    if path in PEER_PATHS:  # a bench-only runner on the exported file, not a Decomposer path
+        try:
+            return make_peer(path, model, device=device, threads=threads)
+        except PeerUnavailable as exc:
+            raise PathUnavailable(str(exc)) from exc
     plan = path_plan(path, device=device, threads=threads, fused_options=fused_options)
     if plan.backend == "onnx":
         return _onnx_file_decomposer(model, plan)
     return Decomposer(model, plan=plan)
 
 
-def _onnx_file_decomposer(model, plan: RunPlan):
-    """Export ``model`` at the plan's precision to a temporary file and open it through the
-    Decomposer's ``onnx`` backend. The exporter's own parity gate is opened wide: this
-    benchmark compares every path with eager itself, in the same run, and reports the
+def export_path_file(model, plan: RunPlan, target) -> str:
+    """Export ``model`` at the plan's precision (and int8 layers) to ``target``, as the onnx
+    paths run it; returns ``target``. The exporter's own parity gate is opened wide: the
+    benchmarks compare every path with eager themselves, in the same run, and report the
     difference beside the time instead of refusing the path."""
+    from sfs_fast.export import export_onnx
+
+    try:
+        export_onnx(model, target, precision=plan.precision or "fp32", atol=1e6, verify_batches=(1,), sidecar=False,
+                    int8_layers=plan.int8_layers or "budget", log=None)
+    except ModuleNotFoundError as exc:  # onnx / onnxslim not installed: the one reason to skip
+        raise PathUnavailable(f"the ONNX exporter needs a package that is not installed ({exc})") from exc
+    return str(target)
+
+
+def _onnx_file_decomposer(model, plan: RunPlan):
+    """Export ``model`` at the plan's precision to a temporary file (:func:`export_path_file`)
+    and open it through the Decomposer's ``onnx`` backend."""
     import shutil
     import tempfile
 
     from sfs_fast.decomposer import Decomposer
-    from sfs_fast.export import export_onnx
 
     folder = tempfile.mkdtemp(prefix="sfs_bench_onnx_")
     try:
-        target = f"{folder}/method{model.method}_{plan.precision}.onnx"
-        try:
-            export_onnx(model, target, precision=plan.precision, atol=1e6, verify_batches=(1,), sidecar=False,
-                        int8_layers=plan.int8_layers or "budget", log=None)
-        except ModuleNotFoundError as exc:  # onnx / onnxslim not installed: the one reason to skip
-            raise PathUnavailable(f"the ONNX exporter needs a package that is not installed ({exc})") from exc
+        target = export_path_file(model, plan, f"{folder}/method{model.method}_{plan.precision}.onnx")
         return Decomposer(onnx=target, method=model.method, plan=plan)
     finally:  # the session holds the model in memory
         shutil.rmtree(folder, ignore_errors=True)
@@ -168,73 +193,145 @@ def start_measuring(threads, gemm_n: int, device: str = "cpu", log=print) -> tup
     return threads, gemm
 
 
+def path_precisions(path: str) -> set[str]:
+    """The precisions whose matrix rates the floor of ``path`` may need (fp32 always: the
+    float32 layers of a mixed path, and the fallback of a peer)."""
+    asked = PEER_PATHS[path] if path in PEER_PATHS else NAMED_PLANS[path].get("precision", "fp32")
+    return {"fp32", asked}
+
+
+def measure_rates(precisions, gemm_n: int, device: str = "cpu", log=print) -> dict:
+    """:func:`~sfs_fast.bench.floors.measure_matmul_rate` of each precision (fp32 first), logged;
+    an emulated one is said to be."""
+    rates = {}
+    for prec in sorted(precisions, key=MATMUL_PRECISIONS.index):
+        rate = rates[prec] = measure_matmul_rate(prec, gemm_n, device=device)
+        log("  " + rate_line(rate))
+    return rates
+
+
 def run_e2e(*, methods, batches, paths=DEFAULT_PATHS, device="cpu", threads=None, warmup=2, runs=20,
             size=INPUT_SIZE, weights=None, fused_options=None, gemm_n=2048, log=print) -> dict:
     """Benchmark every (method, batch, path); return the JSON-ready result (see README)."""
     if size != INPUT_SIZE:
         raise ValueError(f"size: the models and the Decomposer take {INPUT_SIZE}x{INPUT_SIZE} images, not {size}")
     check_paths(paths, PATHS)
-    threads, gemm = start_measuring(threads, gemm_n, device, log)
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    threads = torch.get_num_threads()
+    needed = set().union(*(path_precisions(p) for p in paths))
+    log(f"measuring the matrix rates of {', '.join(sorted(needed))} ({gemm_n}^3 or less, {threads} threads) ...")
+    rates = measure_rates(needed, gemm_n, device, log)
     gen = torch.Generator().manual_seed(1234)
     results, models, group_rates = [], {}, []
     for method in methods:
         model, source = load_bench_model(method, weights)
-        flops = count_flops(model, size)
+        per_layer = layer_flops(model, size)
+        flops = sum(per_layer.values())
         models[str(method)] = {"weights": source, "flops_per_image": flops,
                                "parameters": sum(p.numel() for p in model.parameters())}
         log(f"method {method}: {flops / 1e9:.2f} GFLOP per image, weights: {source}")
-        inputs = {b: [bench_images(b, gen) for _ in range(ROTATED_INPUTS)] for b in batches}
-        reference = {}
-        cached = {}
+        run = _Run(model=model, per_layer=per_layer, device=device, threads=threads, fused_options=fused_options,
+                   warmup=warmup, runs=runs, log=log,
+                   inputs={b: [bench_images(b, gen) for _ in range(ROTATED_INPUTS)] for b in batches})
         for batch in batches:
-            # the machines are shared: the rate is measured again right before each group, so
+            # the machines are shared: the rates are measured again right before each group, so
             # the floor of a row reflects the load the row saw
-            group_gemm = gemm if not group_rates else measure_gemm_rate(gemm_n, device=device)
-            group_rates.append({"method": method, "batch": batch, "gflops_median": group_gemm["gflops_median"]})
-            floor_ms = compute_floor_ms(flops, batch, group_gemm["gflops_median"])
-            for path in paths:
-                row = {"method": method, "batch": batch, "path": path, "floor_ms": floor_ms,
-                       "gemm_gflops": group_gemm["gflops_median"]}
-                results.append(row)
-                try:
-                    dec, setup_s = _decomposer_for(path, model, batch, cached, device, threads, fused_options)
-                except PathUnavailable as exc:
-                    row.update(status="skipped", reason=str(exc))
-                    log(f"  m{method} b{batch} {path:10s} skipped: {exc}")
-                    continue
-                except Exception as exc:  # a path that breaks must not sink the others
-                    row.update(status="failed", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-                    log(f"  m{method} b{batch} {path:10s} FAILED to build: {row['reason']}")
-                    continue
-                try:
-                    t0 = time.perf_counter()
-                    outs = dec.decompose(inputs[batch][0])
-                    first_call_s = time.perf_counter() - t0
-                    if path == "eager":
-                        reference[batch] = outs
-                    ref = reference.get(batch)
-                    if ref is None:  # eager not among the paths: make the reference now
-                        ref = reference[batch] = make_decomposer("eager", model, device=device, threads=threads).decompose(inputs[batch][0])
-                    diff = compare(outs, ref)
-                    budget = _budget(outs, ref)
-                    stats = time_calls(dec.decompose, inputs[batch], warmup=warmup, runs=runs, device=device)
-                except Exception as exc:
-                    row.update(status="failed", reason=f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-                    log(f"  m{method} b{batch} {path:10s} FAILED: {row['reason']}")
-                    continue
-                row.update(status="ok", reason=None, ms=stats, ms_per_image=stats["median"] / batch,
-                           setup_s=setup_s, first_call_s=first_call_s, diff=diff, budget=budget,
-                           ratio_to_floor=stats["median"] / floor_ms)
-                log(f"  m{method} b{batch} {path:10s} {stats['median']:9.1f} ms  ({stats['median'] / batch:7.1f} ms/img)"
-                    f"  x{stats['median'] / floor_ms:.2f} floor  max|diff| {diff['max_abs']:.2e}"
-                    f" ({100 * diff['max_rel_range']:.3f}% of range, {diff['worst_output']})"
-                    + (f"  budget: {budget['line']}" if budget else ""))
-            cached = {k: v for k, v in cached.items() if k[1] is None}  # per-batch ones (compile) go
+            run.rates = rates if not group_rates else measure_rates(needed, gemm_n, device, log)
+            group_rates.append({"method": method, "batch": batch,
+                                **{f"{k}_gflops": r.get("gflops_median") for k, r in run.rates.items()},
+                                "gflops_median": run.rates["fp32"]["gflops_median"]})
+            results += [_bench_row(run, path, batch) for path in paths]
+            run.cached = {k: v for k, v in run.cached.items() if k[1] is None}  # per-batch ones (compile) go
     _add_speedups(results)
-    return {"kind": "e2e", "floor": {"gemm": gemm, "models": models, "gemm_per_group": group_rates,
-                                     "definition": "FLOPs per image (FlopCounterMode on the model) x batch / median "
-                                                   "fp32 GEMM rate measured right before each (method, batch) group"},
+    return {"kind": "e2e", "floor": {"gemm": rates["fp32"], "rates": rates, "models": models,
+                                     "gemm_per_group": group_rates,
+                                     "definition": "per path: FLOPs per image (FlopCounterMode on the model) x batch, "
+                                                   "split by the precision each layer computes in, each part over its "
+                                                   "precision's median matrix rate measured right before each "
+                                                   "(method, batch) group"},
             "fused_options": _fused_options(fused_options), "results": results}
+
+
+@dataclass
+class _Run:
+    """What the rows of one method share: the model, its FLOPs per layer, the inputs per batch,
+    the eager reference per batch, the built decomposers, the group's matrix rates."""
+
+    model: object
+    per_layer: dict
+    device: str
+    threads: int
+    fused_options: dict | None
+    warmup: int
+    runs: int
+    log: object
+    inputs: dict
+    reference: dict = field(default_factory=dict)
+    cached: dict = field(default_factory=dict)
+    rates: dict = field(default_factory=dict)
+
+    def gflops(self) -> dict:
+        return {p: r["gflops_median"] for p, r in self.rates.items() if "gflops_median" in r}
+
+
+def _bench_row(run: _Run, path: str, batch: int) -> dict:
+    """One (path, batch) row: build (or reuse) the path, check it against eager, time it."""
+    m = run.model.method
+    row = {"method": m, "batch": batch, "path": path,
+           "floor_fp32_ms": compute_floor_ms(sum(run.per_layer.values()), batch, run.rates["fp32"]["gflops_median"]),
+           "gemm_gflops": run.rates["fp32"]["gflops_median"]}
+    row["floor_ms"] = row["floor_fp32_ms"]
+    try:
+        dec, setup_s = _decomposer_for(path, run.model, batch, run.cached, run.device, run.threads, run.fused_options)
+    except PathUnavailable as exc:
+        run.log(f"  m{m} b{batch} {path:10s} skipped: {exc}")
+        return {**row, "status": "skipped", "reason": str(exc)}
+    except Exception as exc:  # a path that breaks must not sink the others
+        run.log(f"  m{m} b{batch} {path:10s} FAILED to build: {_reason(exc)}")
+        return {**row, "status": "failed", "reason": _reason(exc)}
+    try:
+        x = run.inputs[batch]
+        t0 = time.perf_counter()
+        outs = dec.decompose(x[0])
+        first_call_s = time.perf_counter() - t0
+        if path == "eager":
+            run.reference[batch] = outs
+        if batch not in run.reference:  # eager not among the paths: make the reference now
+            run.reference[batch] = make_decomposer("eager", run.model, device=run.device,
+                                                   threads=run.threads).decompose(x[0])
+        ref = run.reference[batch]
+        diff, budget = compare(outs, ref), _budget(outs, ref)
+        stats = time_calls(dec.decompose, x, warmup=run.warmup, runs=run.runs, device=run.device)
+    except Exception as exc:
+        run.log(f"  m{m} b{batch} {path:10s} FAILED: {_reason(exc)}")
+        return {**row, "status": "failed", "reason": _reason(exc)}
+    row.update(_row_floor(run, path, dec, batch))
+    row.update(status="ok", reason=None, ms=stats, ms_per_image=stats["median"] / batch, setup_s=setup_s,
+               first_call_s=first_call_s, diff=diff, budget=budget,
+               ratio_to_floor=stats["median"] / row["floor_ms"] if row["floor_ms"] else None)
+    if getattr(dec, "executed", None):  # a peer: what it ran at, as it reports it
+        row["executed"] = {k: v for k, v in dec.executed.items() if k != "layer_precisions"}
+    run.log(f"  m{m} b{batch} {path:10s} {stats['median']:9.1f} ms  ({stats['median'] / batch:7.1f} ms/img)"
+            + (f"  x{row['ratio_to_floor']:.2f} floor" if row["ratio_to_floor"] else "")
+            + f"  max|diff| {diff['max_abs']:.2e} ({100 * diff['max_rel_range']:.3f}% of range, {diff['worst_output']})"
+            + f"  budget: {budget['line']}" + (f"  [{row['executed']['note']}]" if "executed" in row else ""))
+    return row
+
+
+def _row_floor(run: _Run, path: str, dec, batch: int) -> dict:
+    """The row's floor at its own precisions: ``floor_ms`` (None when a rate it needs is
+    missing) and ``floor_mix`` (FLOPs per image by precision)."""
+    if path in PEER_PATHS:  # what the compiled model ran, not what was asked
+        precisions = module_precisions(dec.executed, run.per_layer)
+    else:
+        precisions = path_layer_precisions(dec.plan, run.model)
+    mix = precision_mix(run.per_layer, precisions)
+    return {"floor_ms": mixed_floor_ms(mix, batch, run.gflops()), "floor_mix": mix}
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 def _budget(outputs, reference):

@@ -64,6 +64,7 @@ def capture(*, device: str = "cpu", threads: int | None = None, dtype: str = "fl
             "onnxruntime": _version("onnxruntime"),
             "onnx": _version("onnx"),
             "triton": _version("triton"),
+            "openvino": _version("openvino"),
             "numpy": _version("numpy"),
             "sfs_fast": _version("sfs_fast"),
         },

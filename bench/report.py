@@ -6,8 +6,9 @@ import json
 import math
 
 from sfs_fast.atomic import atomic_destination, atomic_write
+from sfs_fast.bench.floors import rate_line
 
-COLUMNS = ("method", "batch", "path", "median ms", "ms/img", "p10", "p90", "min",
+COLUMNS = ("method", "batch", "path", "median ms", "ms/img", "p10", "p90", "p99", "min",
            "x eager", "x floor", "max|diff|", "worst % range", "recon % range", "note")
 
 
@@ -44,11 +45,14 @@ def rows(result: dict) -> list[list[str]]:
         note = []
         if r["path"] == "compile" and r.get("first_call_s") is not None:
             note.append(f"compile {r['first_call_s']:.1f} s")
+        if r.get("executed"):  # a peer: what it says it ran at
+            note.append(r["executed"]["note"])
         if r.get("budget") and r["path"] != "eager":  # sfs_fast.precision's accuracy budget vs eager fp32
             note.append(f"budget {r['budget']['line']}")
         out.append([
             str(r["method"]), str(r["batch"]), label,
-            _fmt(ms["median"]), _fmt(ms["median"] / r["batch"]), _fmt(ms["p10"]), _fmt(ms["p90"]), _fmt(ms["min"]),
+            _fmt(ms["median"]), _fmt(ms["median"] / r["batch"]), _fmt(ms["p10"]), _fmt(ms["p90"]),
+            _fmt(ms.get("p99")), _fmt(ms["min"]),
             _fmt(r.get("speedup_vs_eager"), ".2f"), _fmt(r.get("ratio_to_floor"), ".2f"),
             f"{diff['max_abs']:.1e}", f"{100 * diff['max_rel_range']:.3f} ({diff['worst_output']})",
             f"{100 * diff['per_output']['recon']['rel_range']:.3f}" if "recon" in diff.get("per_output", {}) else "-",
@@ -58,22 +62,43 @@ def rows(result: dict) -> list[list[str]]:
 
 
 def floor_lines(result: dict) -> list[str]:
-    """The floor of the table, one line each: rate measured and floor per image per method."""
+    """The floor of the table, one line each: the rates measured, the floor per image per
+    method, and the precision split of each path whose floor is not all fp32."""
     floor = result.get("floor", {})
     lines = []
     gemm = floor.get("gemm")
     if gemm:
         lines.append(f"GEMM rate (fp32 {gemm['n']}^3, median of {gemm['ms']['runs']}): "
                      f"{gemm['gflops_median']:.1f} GFLOP/s (best {gemm['gflops_best']:.1f})")
+        others = [r for p, r in (floor.get("rates") or {}).items() if p != "fp32"]
+        if others:
+            lines.append("other matrix rates: " + "; ".join(rate_line(r) for r in others))
         groups = floor.get("gemm_per_group") or []
         if len(groups) > 1:
             rates = [g["gflops_median"] for g in groups]
             lines.append(f"GEMM rate re-measured before each method/batch group: {min(rates):.1f}-{max(rates):.1f} GFLOP/s "
-                         "(each row's floor uses its group's rate; the ms/image below use the first)")
+                         "(each row's floor uses its group's rates; the ms/image below use the first)")
         for m, info in floor.get("models", {}).items():
             per_img = info["flops_per_image"] / (gemm["gflops_median"] * 1e9) * 1e3
-            lines.append(f"method {m}: {info['flops_per_image'] / 1e9:.2f} GFLOP/image (counted) -> floor "
+            lines.append(f"method {m}: {info['flops_per_image'] / 1e9:.2f} GFLOP/image (counted) -> fp32 floor "
                          f"{per_img:.1f} ms/image; weights: {info['weights']}")
+    lines += mix_lines(result)
+    return lines
+
+
+def mix_lines(result: dict) -> list[str]:
+    """``x floor`` of a path is against the floor of its own precisions: one line per (method,
+    path) whose FLOPs are not all fp32, with the split."""
+    seen, lines = set(), []
+    for r in result.get("results", []):
+        mix = r.get("floor_mix") or {}
+        key = (r["method"], r["path"])
+        if key in seen or set(mix) <= {"fp32"}:
+            continue
+        seen.add(key)
+        total = sum(mix.values()) or 1
+        parts = ", ".join(f"{100 * f / total:.0f}% {p}" for p, f in sorted(mix.items(), key=lambda kv: -kv[1]))
+        lines.append(f"method {r['method']} {r['path']}: floor from {parts} of the FLOPs, each at its precision's rate")
     return lines
 
 
@@ -82,7 +107,9 @@ def env_line(env: dict) -> str:
     load_s = "/".join(f"{x:.2f}" for x in load) if load else "?"
     return (f"{env.get('date_utc')} UTC; {env.get('cpu')} ({env.get('cores')} cores, {env.get('threads')} threads); "
             f"GPU {env['gpu']['name'] if env.get('gpu') else 'none'}; torch {env['versions']['torch']}, "
-            f"onnxruntime {env['versions']['onnxruntime']}; load average before {load_s}")
+            f"onnxruntime {env['versions']['onnxruntime']}"
+            + (f", openvino {env['versions']['openvino']}" if env["versions"].get("openvino") else "")
+            + f"; load average before {load_s}")
 
 
 def text_table(result: dict) -> str:
@@ -108,8 +135,9 @@ def markdown_table(result: dict, command: str | None = None) -> str:
         out.append(f"- {env_line(result['env'])}")
     if command:
         out.append(f"- command: `{command}`")
-    out.append("- x eager: eager median / path median (higher is faster); x floor: path median / floor "
-               "(1.00 = at the compute floor); max|diff|: max |path - eager| over all outputs; worst % range: "
+    out.append("- x eager: eager median / path median (higher is faster); x floor: path median / the floor of "
+               "the path's own precisions (1.00 = at the compute floor); p99: the 99th percentile of the timed "
+               "calls; max|diff|: max |path - eager| over all outputs; worst % range: "
                "the largest of max|diff| / (max - min of eager's output) over the outputs (and which); "
                "recon % range: the same for the reconstruction.")
     return "\n".join(out) + "\n"
@@ -137,10 +165,10 @@ def plot(result: dict, path) -> None:
         for label in dict.fromkeys(r.get("label", r["path"]) for r in mine):
             pts = sorted((r["batch"], r["ms"]["median"] / r["batch"]) for r in mine if r.get("label", r["path"]) == label)
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-        floors = sorted({(r["batch"], r["floor_ms"] / r["batch"]) for r in result["results"]
-                         if r["method"] == method and r.get("floor_ms")})
+        floors = sorted({(r["batch"], r.get("floor_fp32_ms", r.get("floor_ms")) / r["batch"]) for r in result["results"]
+                         if r["method"] == method and r.get("floor_fp32_ms", r.get("floor_ms"))})
         if floors:
-            ax.plot([p[0] for p in floors], [p[1] for p in floors], "k--", label="compute floor")
+            ax.plot([p[0] for p in floors], [p[1] for p in floors], "k--", label="fp32 compute floor")
         batches = sorted({r["batch"] for r in result["results"] if r["method"] == method})
         if len(batches) > 1 and min(batches) > 0:
             ax.set_xscale("log", base=2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _current_dispatch_mode
 
 FUSED_BACKENDS = ("cpu", "triton", "cuda")
 
@@ -93,10 +94,25 @@ def _backward(ctx, grad_shading, grad_recon):
 sh_shade_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _launcher_alone(*tensors) -> bool:
+    """Whether a call may go to the launcher without the op: plain tensors, no gradient to
+    record, no torch.compile/export trace and no dispatch mode (make_fx, FakeTensorMode,
+    FlopCounterMode) that must see the op. The op's first call imports torch._dynamo (and
+    through it triton): torch wraps every custom-op kernel in ``torch._disable_dynamo``, about
+    1.5 s of a one-picture ``sfs-decompose`` run that inference never needs."""
+    if torch.compiler.is_compiling() or _current_dispatch_mode() is not None:
+        return False
+    grad = torch.is_grad_enabled()
+    return all(t is None or (type(t) is torch.Tensor and not (grad and t.requires_grad)) for t in tensors)
+
+
 def fused(backend):
     """``run(normal, light, residue, albedo, normalize, beta) -> (shading, recon or None)`` through
-    the op with ``backend`` (one of :data:`FUSED_BACKENDS`)."""
+    the op with ``backend`` (one of :data:`FUSED_BACKENDS`); inference calls that nothing traces
+    run the same launcher directly (:func:`_launcher_alone`)."""
     def run(normal, light, residue, albedo, normalize, beta):
+        if _launcher_alone(normal, light, residue, albedo):
+            return _impl(backend).forward(normal, light, residue, albedo, normalize, beta)
         shading, recon = sh_shade_op(normal, light, residue, albedo, normalize, beta, backend)
         return shading, (recon if albedo is not None else None)
     run.__name__ = f"sh_shade_{backend}"

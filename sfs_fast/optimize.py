@@ -12,14 +12,15 @@ import torch.nn as nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
+def fold_batchnorm(model: nn.Module, *, copy_model: bool = True) -> nn.Module:
     """A copy of ``model`` (eval mode) with every BatchNorm that directly follows a
-    convolution inside an ``nn.Sequential`` folded into that convolution.
+    convolution inside an ``nn.Sequential`` folded into that convolution (``model`` itself
+    when ``copy_model=False``).
 
     The pre-activation BatchNorms of the residual blocks (BN before ReLU before conv) have no
     convolution in front of them and stay as they are.
     """
-    model = copy.deepcopy(model).eval()
+    model = (copy.deepcopy(model) if copy_model else model).eval()
     for module in model.modules():
         if not isinstance(module, nn.Sequential):
             continue
@@ -81,12 +82,12 @@ class ConvBeforeUpsample(nn.Module):
         return y
 
 
-def conv_before_upsample(model: nn.Module) -> nn.Module:
+def conv_before_upsample(model: nn.Module, *, copy_model: bool = True) -> nn.Module:
     """A copy of ``model`` (eval mode) with every image head and generation net rewritten
-    as :class:`ConvBeforeUpsample`."""
+    as :class:`ConvBeforeUpsample` (``model`` itself when ``copy_model=False``)."""
     from sfs_fast.models import GenerationNet, ImageHead
 
-    model = copy.deepcopy(model).eval()
+    model = (copy.deepcopy(model) if copy_model else model).eval()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) in (ImageHead, GenerationNet):
@@ -111,9 +112,13 @@ def optimize_for_inference(model: nn.Module, **options) -> nn.Module:
     if unknown:
         raise ValueError(f"options: unknown optimisation(s) {sorted(unknown)}; known: {sorted(FUSED_OPTIONS)}")
     opts = {**FUSED_OPTIONS, **options}
-    out = fold_batchnorm(model) if opts["fold_bn"] else copy.deepcopy(model).eval()
+    # one copy, rewritten in place: a deep copy per rewrite cost about a second of every
+    # fused Decomposer's start (sfs-bench latency, first output)
+    out = copy.deepcopy(model).eval()
+    if opts["fold_bn"]:
+        out = fold_batchnorm(out, copy_model=False)
     if opts["conv_before_upsample"]:
-        out = conv_before_upsample(out)
+        out = conv_before_upsample(out, copy_model=False)
     if opts["channels_last"]:
         out = to_channels_last(out)
     return with_shading_backend(out, opts["shading_backend"], copy_model=False)

@@ -195,12 +195,16 @@ def add_face_arguments(p: argparse.ArgumentParser, paste: bool = True) -> None:
                             "blended back into the full-resolution photo")
 
 
-def face_options_from(args):
-    """The :class:`~sfs_fast.face_folder.FaceOptions` of ``args``; a one-line error for bad values."""
+def _check_face_values(args) -> None:
     if args.max_faces is not None and args.max_faces < 1:
         raise CommandError("--max-faces must be at least 1")
     if args.min_face_size < 0:
         raise CommandError("--min-face-size must be >= 0")
+
+
+def face_options_from(args):
+    """The :class:`~sfs_fast.face_folder.FaceOptions` of ``args``; a one-line error for bad values."""
+    _check_face_values(args)
     try:
         from sfs_fast.face_folder import FaceOptions
         import cv2  # noqa: F401 - only to fail here, before the model loads
@@ -216,6 +220,9 @@ def face_options_from(args):
 def face_hooks(args, out_dir: Path) -> dict:
     """``prepare``/``finish`` for decompose_folder: none with --faces off and no --paste (the
     default preparer, whose resume also knows outputs without a manifest line)."""
+    if args.faces == "off" and not args.paste:  # no detector: OpenCV and sfs_fast.faces stay unimported
+        _check_face_values(args)
+        return {}
     face_options = face_options_from(args)
     if face_options is None or (face_options.mode == "off" and not face_options.paste):
         return {}
