@@ -146,9 +146,9 @@ def _run(args) -> int:
                         log=lambda msg: print(msg, file=sys.stderr, flush=True))
     print(format_table(result))
     if args.json:
-        from sfs_fast.images import save_text
+        from sfs_fast.bench.report import write_json
 
-        save_text(args.json, json.dumps(result, indent=1) + "\n")
+        write_json(result, args.json)
     return 0
 
 

@@ -24,7 +24,6 @@ tasks. One local Ray (no dashboard, usage stats off) serves every configuration.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -189,9 +188,9 @@ def _run(args) -> int:
     result["env"] = env_mod.capture(threads=os.cpu_count())
     print(format_table(result))
     if args.json:
-        from sfs_fast.images import save_text
+        from sfs_fast.bench.report import write_json
 
-        save_text(args.json, json.dumps(result, indent=1) + "\n")
+        write_json(result, args.json)
     return 0
 
 
