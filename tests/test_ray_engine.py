@@ -268,3 +268,28 @@ def test_ray_bench_runs(local_ray):
                                                                         ("ray x1", "stand-in")]
     assert all(r["startup_s"] >= 0 and r["wall_s"] > 0 for r in result["results"])
     assert "ray x1" in result["ray_overhead_ms_per_image"] and "Ray overhead" in format_table(result)
+
+
+def _fails_in_actors(plan):
+    """A factory whose Decomposer builds on the driver but not in the actors (no CUDA there)."""
+    import ray
+
+    if ray.get_runtime_context().get_actor_id() is not None:
+        raise ValueError("device: CUDA was asked for but torch sees no CUDA device")
+    return StandInDecomposer(plan)
+
+
+@pytest.mark.slow
+def test_actors_that_cannot_build_their_decomposer_fail_once_in_one_line(local_ray, tmp_path, capfd):
+    from sfs_fast.ray_engine import RayEngineError, RayOptions, decompose_folder_ray
+
+    make_pictures(tmp_path / "in", 3)
+    t0 = time.perf_counter()
+    with pytest.raises(RayEngineError) as info:
+        decompose_folder_ray(tmp_path / "in", tmp_path / "out", _fails_in_actors, resolve_plan(), FolderOptions(),
+                             ray_options=RayOptions(actors=1))
+    message = str(info.value)
+    assert "\n" not in message and "cannot build their Decomposer: ValueError: device: CUDA" in message
+    assert "3 inputs left for a rerun" in message
+    assert time.perf_counter() - t0 < 60  # not retried as a lost worker
+    assert "Traceback" not in capfd.readouterr().out  # nothing printed by Ray on the driver either
