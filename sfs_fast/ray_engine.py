@@ -347,8 +347,9 @@ def lost_worker(exc: BaseException) -> bool:
 
 
 def failure_line(exc: BaseException) -> str:
-    """One line for a failed execution: an actor constructor's own error (the last line of
-    the traceback Ray puts in the message), else the first line of the message."""
+    """One line for a failed execution: the :class:`ActorStartError` of an actor that could
+    not build its Decomposer (Ray puts the whole traceback in the message), the last line of a
+    constructor's error, else the error's type and first line."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if not lines:
         return type(exc).__name__
