@@ -73,6 +73,10 @@ class RayEngineError(PipelineError):
     """The Ray engine cannot run, or lost its run; the message is one line."""
 
 
+class ActorStartError(RuntimeError):
+    """Raised in an actor whose Decomposer could not be built (see :class:`DecomposeActor`)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class RayOptions:
     """Where and how wide a Ray run goes.
@@ -247,12 +251,22 @@ class DecomposeActor:
     as JSON text (``row``) and what the actor runs (``plan``, JSON: auto may choose per actor)."""
 
     def __init__(self, source, plan: RunPlan, out_dir: str, options: FolderOptions, finish: Callable | None):
-        self.decomposer = build_decomposer(source, plan)
+        # A Decomposer that cannot be built here (no CUDA on this node, ...) is reported on the
+        # first batch, not raised now: Ray prints a constructor's traceback on the driver's
+        # stdout and keeps restarting the actor, while a batch's error just ends the execution.
+        self.error = None
+        try:
+            self.decomposer = build_decomposer(source, plan)
+        except Exception as exc:  # noqa: BLE001 - reported by __call__
+            self.error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+            return
         self.rows: list = []
         self.stages = PictureStages(Path(out_dir), self.decomposer, options, emit=self.rows.append, finish=finish)
         self.plan = json.dumps(decomposer_plan(self.decomposer))
 
     def __call__(self, batch: dict) -> dict:
+        if self.error is not None:
+            raise ActorStartError(f"the actors cannot build their Decomposer: {self.error}")
         for blob in batch["picture"]:
             self.stages.add(pickle.loads(blob))
         self.stages.flush()
@@ -319,14 +333,33 @@ def _dataset(ray, job: _Job, items: list[Item]):
 
 
 def lost_worker(exc: BaseException) -> bool:
-    """Whether ``exc`` (or what it wraps) says a worker or node went away."""
+    """Whether ``exc`` (or what it wraps) says a worker or node went away; an actor whose
+    constructor raised (its Decomposer cannot be built there) would fail again, so no."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
+        if getattr(exc, "actor_init_failed", False):
+            return False
         if any(cls.__name__ in LOST_WORKER_ERRORS for cls in type(exc).__mro__):
             return True
         exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
     return False
+
+
+def failure_line(exc: BaseException) -> str:
+    """One line for a failed execution: the :class:`ActorStartError` of an actor that could
+    not build its Decomposer (Ray puts the whole traceback in the message), the last line of a
+    constructor's error, else the error's type and first line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    marker = f"{ActorStartError.__name__}: "
+    start_error = next((line for line in reversed(lines) if marker in line), None)
+    if start_error is not None:  # Ray Data wraps it in its own error types, with the traceback
+        return start_error.split(marker, 1)[-1]
+    if getattr(exc, "actor_init_failed", False):
+        return f"the actors cannot start: {lines[-1]}"
+    return f"{type(exc).__name__}: {lines[0]}"
 
 
 class _Drive:
@@ -377,9 +410,8 @@ class _Drive:
                 if stop.received:
                     return False
                 remaining = sum(item.key not in self.done for item in todo)
-                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
                 if not lost_worker(exc) or attempt == self.job.ray_options.attempts:
-                    raise RayEngineError(f"the Ray run failed ({type(exc).__name__}: {first}); "
+                    raise RayEngineError(f"the Ray run failed ({failure_line(exc)}); "
                                          f"{remaining} inputs left for a rerun") from exc
         return all(item.key in self.done for item in todo)
 
@@ -434,5 +466,5 @@ def decompose_folder_ray(inputs, out_dir, model, plan: RunPlan, options: FolderO
             import_ray().shutdown()
 
 
-__all__ = ["RayOptions", "RayEngineError", "decompose_folder_ray", "connect", "check_reachable", "pool_size",
+__all__ = ["RayOptions", "RayEngineError", "ActorStartError", "decompose_folder_ray", "connect", "check_reachable", "pool_size",
            "build_decomposer", "model_facts", "decode_batch", "DecomposeActor", "lost_worker", "RAY_EXTRA_HINT"]

@@ -96,7 +96,8 @@ inputs are reported (manifest and one stderr line) and skipped; the rest is proc
 exit codes:
   0  every input succeeded (or was already done)
   1  nothing usable: bad arguments, no inputs, a model that cannot be loaded, or every
-     input failed
+     input failed; with --engine ray also: no Ray, an unreachable cluster, or a run lost
+     after its retries (the rows written so far stay; a rerun does the rest)
   2  command-line syntax error (argparse)
   3  partial failure: some inputs failed, the others were processed
   130, 143  stopped by SIGINT (Ctrl-C) or SIGTERM
