@@ -1,10 +1,12 @@
 """The environment a benchmark ran in, recorded in its JSON: CPU, cores, GPU, versions,
-threads, ONNX Runtime providers, dtype, load."""
+threads, ONNX Runtime providers, dtype, load; and the peak memory of the measuring process."""
 from __future__ import annotations
 
 import datetime
 import os
 import platform
+import resource
+import sys
 
 import torch
 
@@ -16,6 +18,22 @@ def _cpu_flags() -> list[str]:
     wanted = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_bf16", "amx_int8", "amx_tile")
     flags = cpu_flags()
     return [w for w in wanted if w in flags]
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set in MiB: ``VmHWM`` of ``/proc/self/status`` on Linux,
+    else ``ru_maxrss``. Linux keeps ``ru_maxrss`` across ``fork`` + ``exec``, so a child started
+    by a process holding 1 GiB reports at least 1 GiB there; ``VmHWM`` belongs to the child's
+    own address space."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2 ** 20, 1)
 
 
 def _version(module: str):

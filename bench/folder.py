@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -65,6 +64,7 @@ def make_pictures(folder: Path, n: int, size: int = 24) -> None:
 
 def measure_one(n: int, decomposer: str = "stand-in", batch_size: int = 16, workers: int = 2) -> dict:
     """Decompose ``n`` generated pictures in this process; peak RSS is this process's."""
+    from sfs_fast.bench.env import peak_rss_mib
     from sfs_fast.pipeline import FolderOptions, decompose_folder
 
     if decomposer == "demo":
@@ -75,14 +75,14 @@ def measure_one(n: int, decomposer: str = "stand-in", batch_size: int = 16, work
         dec = StandInDecomposer()
     with tempfile.TemporaryDirectory(prefix="sfs-bench-folder-") as tmp:
         make_pictures(Path(tmp) / "in", n)
-        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss_before = peak_rss_mib()
         t0 = time.perf_counter()
         summary = decompose_folder(Path(tmp) / "in", Path(tmp) / "out", dec,
                                    FolderOptions(batch_size=batch_size, workers=workers))
         wall = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    peak = peak_rss_mib()
     return {"pictures": n, "ok": summary.ok, "failed": summary.failed, "wall_s": round(wall, 2),
-            "peak_rss_mib": round(peak / 1024, 1), "peak_rss_before_run_mib": round(rss_before / 1024, 1),
+            "peak_rss_mib": peak, "peak_rss_before_run_mib": rss_before,
             "decomposer": decomposer, "batch_size": batch_size, "workers": workers}
 
 

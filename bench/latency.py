@@ -14,7 +14,7 @@ Parts (``--parts``, all by default):
 - ``first-output``: ``sfs-decompose`` on one picture in a fresh process, wall time from
   outside, and where it goes (:mod:`sfs_fast.bench.first_output`).
 - ``rss``: peak resident memory of each path in a fresh process that opens the path and
-  decomposes ``--rss-batch`` (16) images twice (:func:`peak_rss_mib`: the child's own
+  decomposes ``--rss-batch`` (16) images twice (:func:`sfs_fast.bench.env.peak_rss_mib`: the child's own
   high-water mark); ONNX files are exported by this process first, so a child holds what a
   deployment holds.
 """
@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from sfs_fast.bench.env import peak_rss_mib
 
 PROG = "sfs-bench latency"
 PARTS = ("curve", "first-output", "rss")
@@ -78,22 +79,6 @@ def run_curve(*, method: int, paths, batches, threads, warmup: int, runs: int, w
 
 # ---------------------------------------------------------------------------------------
 # Peak memory per path, each in a fresh process
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident set in MiB: ``VmHWM`` of ``/proc/self/status`` on Linux,
-    else ``ru_maxrss``. Linux keeps ``ru_maxrss`` across ``fork`` + ``exec``, so a child started
-    by a process holding 1 GiB reports at least 1 GiB there; ``VmHWM`` belongs to the child's
-    own address space."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        pass
-    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2 ** 20, 1)
 
 
 def _child_open(path: str, method: int, threads, files: dict, weights):
