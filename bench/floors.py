@@ -56,18 +56,14 @@ def measure_gemm_rate(n: int = 2048, *, device: str = "cpu", dtype=torch.float32
     """Rate of an ``n x n x n`` matrix product (``torch.mm``) on ``device`` with the current
     thread setting. Returns ``{"n", "dtype", "gflops_median", "gflops_best", "ms"}``; the
     median rate is the one floors use (every path is summarised by its median too)."""
-    gen = torch.Generator().manual_seed(0)
-    mats = [(torch.randn(n, n, generator=gen).to(device, dtype), torch.randn(n, n, generator=gen).to(device, dtype))
-            for _ in range(2)]
-    stats = time_calls(lambda ab: torch.mm(*ab), mats, warmup=warmup, runs=runs, device=device)
+    stats = _torch_matmul(dtype, n, device, warmup, runs)
+    return {"n": n, "dtype": str(dtype).replace("torch.", ""), **_gflops(stats, n), "ms": stats}
+
+
+def _gflops(stats: dict, n: int) -> dict:
+    """The median and best rates of ``n^3`` products timed as ``stats`` (ms)."""
     flop = 2.0 * n ** 3
-    return {
-        "n": n,
-        "dtype": str(dtype).replace("torch.", ""),
-        "gflops_median": flop / (stats["median"] * 1e-3) / 1e9,
-        "gflops_best": flop / (stats["min"] * 1e-3) / 1e9,
-        "ms": stats,
-    }
+    return {"gflops_median": flop / (stats["median"] * 1e-3) / 1e9, "gflops_best": flop / (stats["min"] * 1e-3) / 1e9}
 
 
 def measure_copy_bandwidth(nbytes: int = 64 << 20, *, device: str = "cpu", warmup: int = 2, runs: int = 9) -> dict:
@@ -120,9 +116,9 @@ def _sized_n(call, n: int, max_call_s: float) -> int:
     return size
 
 
-def _torch_matmul(precision, n, device, warmup, runs):
+def _torch_matmul(dtype, n, device, warmup, runs):
+    """Timings (ms) of ``torch.mm`` on two pairs of random ``[n,n]`` ``dtype`` matrices."""
     gen = torch.Generator().manual_seed(0)
-    dtype = _TORCH_DTYPES[precision]
     mats = [(torch.randn(n, n, generator=gen).to(device, dtype), torch.randn(n, n, generator=gen).to(device, dtype))
             for _ in range(2)]
     return time_calls(lambda ab: torch.mm(*ab), mats, warmup=warmup, runs=runs, device=device)
@@ -165,8 +161,8 @@ def _rate_of(precision, n, device, warmup, runs, max_call_s):
         n = _sized_n(lambda k: _int8_matmul(k, 0, 1), n, max_call_s)
         return _int8_matmul(n, warmup, runs), n, "onnxruntime MatMulInteger (int8 x int8)"
     if precision != "fp32":  # fp32 is never emulated: measured at n, the floor of every table so far
-        n = _sized_n(lambda k: _torch_matmul(precision, k, device, 0, 1), n, max_call_s)
-    return _torch_matmul(precision, n, device, warmup, runs), n, "torch.mm"
+        n = _sized_n(lambda k: _torch_matmul(_TORCH_DTYPES[precision], k, device, 0, 1), n, max_call_s)
+    return _torch_matmul(_TORCH_DTYPES[precision], n, device, warmup, runs), n, "torch.mm"
 
 
 def measure_matmul_rate(precision: str = "fp32", n: int = 2048, *, device: str = "cpu", warmup: int = 2,
@@ -187,12 +183,10 @@ def measure_matmul_rate(precision: str = "fp32", n: int = 2048, *, device: str =
     except (ImportError, ValueError, RuntimeError) as exc:  # a missing package or an unsupported dtype
         return {"precision": precision, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
     caps = capabilities(device)
-    flop = 2.0 * n_used ** 3
     return {"precision": precision, "n": n_used, "dtype": precision, "engine": engine,
             "hardware": bool(caps.get(precision, precision == "fp32")),
             "why": "" if precision == "fp32" else caps["why"].get(precision, ""),
-            "gflops_median": flop / (stats["median"] * 1e-3) / 1e9,
-            "gflops_best": flop / (stats["min"] * 1e-3) / 1e9, "ms": stats}
+            **_gflops(stats, n_used), "ms": stats}
 
 
 def rate_line(rate: dict) -> str:
