@@ -595,7 +595,9 @@ def _ordered(pool, func, items, window):
             break
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of ``exc``'s message (its type name when the message is empty): what a
+    manifest row or a one-line error says."""
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
@@ -680,7 +682,7 @@ class PictureStages:
             outs = infer(crops, self.decomposer)
         except (RuntimeError, ValueError, MemoryError) as exc:
             for state, index in batch:
-                self.crop_done(state, index, error=f"inference failed: {_first_line(exc)}")
+                self.crop_done(state, index, error=f"inference failed: {first_line(exc)}")
             return
         dt = time.perf_counter() - t0
         self.model_s += dt
@@ -698,7 +700,7 @@ class PictureStages:
         try:
             files = encode_crop(state.picture.crops[index], outputs, self.out_dir, self.options.formats)
         except Exception as exc:  # noqa: BLE001 - a full disk or an odd output fails this input, not the run
-            error = f"cannot write outputs: {_first_line(exc)}"
+            error = f"cannot write outputs: {first_line(exc)}"
         timings = {"infer_ms": infer_ms, "encode_ms": (time.perf_counter() - t0) * 1e3}
         self.crop_done(state, index, files, outputs, error, timings)
 
@@ -729,7 +731,7 @@ class PictureStages:
             try:
                 extra = dict(self.finish(state.picture, state.outputs) or {})
             except Exception as exc:  # noqa: BLE001 - a hook's bug fails this input, not the run
-                return manifest_row(state.picture, "failed", f"finish failed: {_first_line(exc)}",
+                return manifest_row(state.picture, "failed", f"finish failed: {first_line(exc)}",
                                     formats=opts.formats, timings=timings)
         files = state.files + [Path(p) for p in extra.pop("outputs", [])]
         row = manifest_row(state.picture, "ok", None, files, out_dir=self.out_dir, formats=opts.formats,
@@ -929,5 +931,5 @@ __all__ = [
     "discover", "find_inputs", "read_list", "assign_stems", "attach_masks", "prepare_picture", "infer",
     "decompose_crops", "output_paths", "encode_outputs", "encode_crop", "grid_rows", "manifest_row",
     "row_is_done", "outputs_exist", "Manifest", "StopSignals", "prepare_safely", "PictureStages", "RunRecord",
-    "decomposer_plan", "FolderRun", "start_run", "decompose_folder",
+    "decomposer_plan", "first_line", "FolderRun", "start_run", "decompose_folder",
 ]

@@ -54,7 +54,7 @@ from typing import Callable
 import numpy as np
 
 from sfs_fast.pipeline import (
-    FolderOptions, Item, PictureStages, PipelineError, RunRecord, StopSignals, Summary, decomposer_plan,
+    FolderOptions, Item, PictureStages, PipelineError, RunRecord, StopSignals, Summary, decomposer_plan, first_line,
     prepare_picture, prepare_safely, start_run,
 )
 from sfs_fast.plan import RunPlan
@@ -184,9 +184,7 @@ def connect(options: RayOptions) -> bool:
     try:
         ray.init(address=address or None, **settings)
     except Exception as exc:  # noqa: BLE001 - Ray raises ConnectionError, RuntimeError, ValueError, ...
-        text = str(exc).strip().splitlines()
-        raise RayEngineError(f"cannot start Ray{' at ' + address if address else ''}: "
-                             f"{text[0] if text else type(exc).__name__}") from None
+        raise RayEngineError(f"cannot start Ray{' at ' + address if address else ''}: {first_line(exc)}") from None
     _quiet_ray(ray, options.debug)
     return True
 
