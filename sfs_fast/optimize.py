@@ -112,8 +112,7 @@ def optimize_for_inference(model: nn.Module, **options) -> nn.Module:
     if unknown:
         raise ValueError(f"options: unknown optimisation(s) {sorted(unknown)}; known: {sorted(FUSED_OPTIONS)}")
     opts = {**FUSED_OPTIONS, **options}
-    # one copy, rewritten in place: a deep copy per rewrite cost about a second of every
-    # fused Decomposer's start (sfs-bench latency, first output)
+    # one deep copy, then each rewrite in place on it (not one copy per rewrite)
     out = copy.deepcopy(model).eval()
     if opts["fold_bn"]:
         out = fold_batchnorm(out, copy_model=False)

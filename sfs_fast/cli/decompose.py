@@ -224,9 +224,7 @@ def face_hooks(args, out_dir: Path) -> dict:
     if args.faces == "off" and not args.paste:  # no detector: OpenCV and sfs_fast.faces stay unimported
         _check_face_values(args)
         return {}
-    face_options = face_options_from(args)
-    if face_options is None or (face_options.mode == "off" and not face_options.paste):
-        return {}
+    face_options = face_options_from(args)  # a detector or a paste: OpenCV is there, or this raised
     from sfs_fast.face_folder import face_preparer, paste_finisher
 
     hooks = {"prepare": face_preparer(face_options, keep_photo=face_options.paste)}
