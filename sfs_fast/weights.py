@@ -83,11 +83,14 @@ def _checkpoint_metadata(model, state: dict, dtype, metadata: dict) -> dict:
     return meta
 
 
-def save(model: torch.nn.Module, path, *, dtype: torch.dtype | None = None, **metadata) -> Path:
+def save(model: torch.nn.Module, path, *, dtype: torch.dtype | None = None, base=None, **metadata) -> Path:
     """Write ``model`` to ``path`` (safetensors) atomically; returns the path.
 
     ``dtype`` (e.g. ``torch.float16``) stores floating tensors in that type to save space;
-    ``load`` returns them as float32. Extra ``metadata`` values are stored as JSON.
+    ``load`` returns them as float32. ``base`` (a checkpoint path or registered name): store
+    only the top-level modules whose stored tensors differ from that checkpoint's, with the
+    base's tensor hash, so that methods trained on a frozen trunk do not each carry a copy of
+    it; :func:`load` takes the rest from the base. Extra ``metadata`` values are stored as JSON.
     """
     path = Path(path)
     state = {}
@@ -97,9 +100,66 @@ def save(model: torch.nn.Module, path, *, dtype: torch.dtype | None = None, **me
             t = t.to(dtype)
         state[name] = t.contiguous().clone()
     meta = _checkpoint_metadata(model, state, dtype, metadata)
+    if base is not None:
+        state, meta["base"] = _delta_from_base(state, base)
     with atomic_destination(path) as tmp:
         save_file(state, str(tmp), metadata=meta)
     return path
+
+
+def _module_of(key: str) -> str:
+    return key.split(".", 1)[0]
+
+
+def _delta_from_base(state: dict, base) -> tuple[dict, str]:
+    """``state`` less the top-level modules equal (bit for bit) to the base's, and the JSON
+    ``base`` field: the base's tensor hash, its registered name and the modules taken from it."""
+    base_path, base_name = resolve(base)
+    base_meta = read_metadata(base_path)
+    if "base" in base_meta:
+        raise CheckpointError(f"{base_path}: is itself stored against a base; use a full checkpoint as base")
+    base_state = _read_state(base_path, base_meta)
+    same = set()
+    for module in {_module_of(k) for k in state}:
+        keys = [k for k in state if _module_of(k) == module]
+        if all(k in base_state and base_state[k].dtype == state[k].dtype
+               and torch.equal(base_state[k], state[k]) for k in keys):
+            same.add(module)
+    delta = {k: t for k, t in state.items() if _module_of(k) not in same}
+    field = {"tensors_sha256": base_meta.get("tensors_sha256") or tensors_sha256(base_state),
+             "name": base_name, "modules": sorted(same)}
+    return delta, json.dumps(field)
+
+
+def _base_candidates(path: Path):
+    """Where a base checkpoint may be: the registered weights on this machine, then the
+    safetensors files beside the delta."""
+    for name in REGISTRY:
+        local = local_path(name)
+        if local is not None and local.suffix == ".safetensors":
+            yield local
+    yield from sorted(Path(path).parent.glob("*.safetensors"))
+
+
+def _merge_base(path: Path, meta: dict, state: dict) -> dict:
+    """The full state of a checkpoint saved with ``base=``: its own tensors plus the base's
+    modules, the base found by its tensor hash (a changed base is refused, not mixed in)."""
+    want = meta["base"]
+    for candidate in _base_candidates(path):
+        if candidate.resolve() == Path(path).resolve():
+            continue
+        try:
+            cand_meta = read_metadata(candidate)
+        except CheckpointError:
+            continue
+        if cand_meta.get("tensors_sha256") != want["tensors_sha256"] or "base" in cand_meta:
+            continue
+        base_state = _read_state(candidate, cand_meta)
+        merged = {k: t for k, t in base_state.items() if _module_of(k) in set(want["modules"])}
+        merged.update(state)
+        return merged
+    raise CheckpointError(f"{path}: stored against base weights {want.get('name') or ''} "
+                          f"(tensors sha256 {want['tensors_sha256'][:12]}) that are not on this machine")
 
 
 def read_metadata(path) -> dict:
@@ -121,11 +181,14 @@ def read_metadata(path) -> dict:
 
 
 def _read_state(path, meta: dict, check: bool = True) -> dict:
-    """The stored tensors, checked against the recorded tensor hash (when there is one)."""
+    """The stored tensors (with the base's modules for a checkpoint saved with ``base=``),
+    checked against the recorded tensor hash (when there is one)."""
     try:
         state = load_file(str(path))
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: damaged checkpoint ({str(exc).splitlines()[0]})") from None
+    if "base" in meta:
+        state = _merge_base(path, meta, state)
     if check:
         _check_hash(path, meta, state)
     return state

@@ -92,3 +92,38 @@ def test_skipnet_roundtrip(tmp_path):
         assert torch.equal(v, loaded.state_dict()[k])
     with pytest.raises(weights.CheckpointError, match="SkipNet"):
         weights.load(path, method=0)
+
+
+def _trained_on_frozen_trunk(base_model, method):
+    """A method-``method`` model whose trunk is the base's and whose head is its own."""
+    model = build_model(method)
+    model.load_state_dict(base_model.state_dict(), strict=False)
+    return model
+
+
+def test_checkpoint_against_a_base_stores_only_what_differs(tmp_path):
+    base_model = build_model(0)
+    base = weights.save(base_model, tmp_path / "base.safetensors", dtype=torch.float16)
+    model = _trained_on_frozen_trunk(weights.load(base), 3)
+    full = weights.save(model, tmp_path / "full.safetensors", dtype=torch.float16)
+    delta = weights.save(model, tmp_path / "delta.safetensors", dtype=torch.float16, base=base)
+    meta = weights.read_metadata(delta)
+    # The trunk modules method 3 shares with method 0 come from the base; its own head and
+    # second albedo branch (built fresh here) are stored.
+    assert "conv_model" in meta["base"]["modules"] and "shading_residual_model" not in meta["base"]["modules"]
+    assert meta["base"]["tensors_sha256"] == weights.read_metadata(base)["tensors_sha256"]
+    assert delta.stat().st_size < 0.7 * full.stat().st_size
+    a, b = weights.load(full).state_dict(), weights.load(delta).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert weights._problem(delta) is None
+
+
+def test_checkpoint_whose_base_is_gone_or_changed_is_refused(tmp_path):
+    base = weights.save(build_model(0), tmp_path / "base.safetensors")
+    delta = weights.save(_trained_on_frozen_trunk(weights.load(base), 1), tmp_path / "delta.safetensors", base=base)
+    weights.save(build_model(0), base)  # other weights under the base's name
+    with pytest.raises(weights.CheckpointError, match="not on this machine"):
+        weights.load(delta)
+    assert "not on this machine" in weights._problem(delta)
+    with pytest.raises(weights.CheckpointError, match="itself stored against a base"):
+        weights.save(build_model(1), tmp_path / "d2.safetensors", base=delta)
