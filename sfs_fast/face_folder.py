@@ -209,7 +209,8 @@ def relight_strip_image(outputs: dict, target, options: RelightOptions, mask) ->
     shading, recon = relight_crop(outputs, lights, options)
     scale = float((shading * (1 if mask is None else mask[None, None])).max())
     return images.grid([[images.shading_to_rgb(x, mask, scale=scale) for x in shading],
-                        [images.unit_to_rgb(np.clip(r, 0, 1), mask) for r in recon]])
+                        [images.unit_to_rgb(np.clip(r, 0, 1), mask) for r in recon]],
+                       col_labels=images.step_labels(options.steps), row_labels=["shading", "relit"])
 
 
 def relight_finisher(out_dir: Path, options: RelightOptions):

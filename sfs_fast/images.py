@@ -245,22 +245,61 @@ def _apply(a: np.ndarray, mask) -> np.ndarray:
     return a if mask is None else a * np.asarray(mask, dtype=np.float32)[None]
 
 
-def grid(rows, pad: int = 2) -> np.ndarray:
+def grid(rows, pad: int = 2, col_labels=None, row_labels=None) -> np.ndarray:
     """Contact sheet: ``rows`` is a list of rows, each a list of uint8 ``[H,W,3]`` tiles of
-    one size (a missing tile may be None). Returns uint8 ``[R*(H+pad)+pad, C*(W+pad)+pad, 3]``
-    on a white background."""
+    one size (a missing tile may be None, left white). ``col_labels`` / ``row_labels``: text
+    above each column / left of each row. Returns uint8 ``[top + R*(H+pad)+pad,
+    left + C*(W+pad)+pad, 3]`` on a white background (``top``, ``left``: the label bands, 0
+    without labels)."""
     tiles = [t for row in rows for t in row if t is not None]
     if not tiles:
         raise ValueError("grid: no tiles")
     h, w = tiles[0].shape[:2]
     ncols = max(len(row) for row in rows)
-    sheet = np.full((len(rows) * (h + pad) + pad, ncols * (w + pad) + pad, 3), 255, np.uint8)
+    font = _label_font() if col_labels or row_labels else None
+    top = _text_size(font, "Ag")[1] + 2 * pad if col_labels else 0
+    left = max(_text_size(font, str(t))[0] for t in row_labels) + 2 * pad if row_labels else 0
+    sheet = np.full((top + len(rows) * (h + pad) + pad, left + ncols * (w + pad) + pad, 3), 255, np.uint8)
     for r, row in enumerate(rows):
         for c, tile in enumerate(row):
             if tile is not None:
-                y, x = pad + r * (h + pad), pad + c * (w + pad)
+                y, x = top + pad + r * (h + pad), left + pad + c * (w + pad)
                 sheet[y:y + h, x:x + w] = tile
-    return sheet
+    if font is None:
+        return sheet
+    return _draw_labels(sheet, font, col_labels, row_labels, (h, w, pad, top, left))
+
+
+def step_labels(steps: int) -> list[str]:
+    """Column labels of a strip of ``steps`` frames blended from t = 0 to t = 1."""
+    return [f"t={i / (steps - 1):.2f}" for i in range(steps)]
+
+
+def _label_font():
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=11)
+
+
+def _text_size(font, text: str) -> tuple[int, int]:
+    x0, y0, x1, y1 = font.getbbox(text)
+    return int(x1 - min(x0, 0)), int(y1 - min(y0, 0))
+
+
+def _draw_labels(sheet: np.ndarray, font, col_labels, row_labels, geometry) -> np.ndarray:
+    """Column labels centred over their tiles, row labels centred beside theirs, in black."""
+    from PIL import ImageDraw
+
+    h, w, pad, top, left = geometry
+    im = Image.fromarray(sheet)
+    draw = ImageDraw.Draw(im)
+    for c, text in enumerate(col_labels or ()):
+        tw, _ = _text_size(font, str(text))
+        draw.text((left + pad + c * (w + pad) + (w - tw) // 2, pad), str(text), fill=(0, 0, 0), font=font)
+    for r, text in enumerate(row_labels or ()):
+        _, th = _text_size(font, str(text))
+        draw.text((pad, top + pad + r * (h + pad) + (h - th) // 2), str(text), fill=(0, 0, 0), font=font)
+    return np.asarray(im)
 
 
 # --------------------------------------------------------------------------------------
@@ -300,6 +339,6 @@ def is_picture(path) -> bool:
 __all__ = [
     "INPUT_SIZE", "DEFAULT_MAX_PIXELS", "FITS", "IMAGE_EXTENSIONS", "TEMP_PREFIX", "ImageError",
     "load_image", "load_mask", "square_box", "normal_to_rgb", "unit_to_rgb", "shading_to_rgb",
-    "residue_to_rgb", "grid", "atomic_write", "save_png", "save_npy", "save_text",
+    "residue_to_rgb", "grid", "step_labels", "atomic_write", "save_png", "save_npy", "save_text",
     "remove_stale_temporaries", "is_picture",
 ]

@@ -450,8 +450,13 @@ def encode_crop(crop: Crop, outputs: dict, out_dir: Path, formats) -> list[Path]
     return list(paths.values())
 
 
+def grid_columns(outputs: dict) -> list[str]:
+    """The contact sheet's column labels for a model with these outputs."""
+    return ["face", "normal", "albedo", "shading"] + (["residue"] if "residue" in outputs else []) + ["recon"]
+
+
 def grid_rows(crops: list[Crop], outs_list: list[dict]) -> list:
-    """Contact-sheet rows: face, normal, albedo, shading, [residue], recon per crop."""
+    """Contact-sheet rows, one per crop, in the columns of :func:`grid_columns`."""
     rows = []
     for crop, outs in zip(crops, outs_list):
         mask = crop.mask
@@ -868,7 +873,9 @@ class FolderRun:
 
 
 def _write_grid(path: Path, crops: list[Crop], outs: list[dict]) -> None:
-    images.save_png(path, images.grid(grid_rows(crops, outs)))
+    sheet = images.grid(grid_rows(crops, outs), col_labels=grid_columns(outs[0]),
+                        row_labels=[crop.stem for crop in crops])
+    images.save_png(path, sheet)
 
 
 def _as_items(inputs, out_dir: Path, options: FolderOptions) -> list[Item]:
@@ -929,7 +936,7 @@ def decompose_folder(inputs, out_dir, decomposer, options: FolderOptions | None 
 __all__ = [
     "MANIFEST", "PNG_KINDS", "FORMATS", "PipelineError", "Item", "Crop", "Picture", "FolderOptions", "Summary",
     "discover", "find_inputs", "read_list", "assign_stems", "attach_masks", "prepare_picture", "infer",
-    "decompose_crops", "output_paths", "encode_outputs", "encode_crop", "grid_rows", "manifest_row",
+    "decompose_crops", "output_paths", "encode_outputs", "encode_crop", "grid_columns", "grid_rows", "manifest_row",
     "row_is_done", "outputs_exist", "Manifest", "StopSignals", "prepare_safely", "PictureStages", "RunRecord",
     "decomposer_plan", "first_line", "FolderRun", "start_run", "decompose_folder",
 ]

@@ -196,6 +196,17 @@ def test_grid_layout():
     assert sheet[1, 1, 0] == 7 and sheet[6, 1, 0] == 7 and sheet[6, 7, 0] == 255 and sheet[5, 1, 0] == 255
 
 
+def test_grid_labels_sit_in_bands_beside_the_tiles():
+    t = np.full((20, 30, 3), 7, np.uint8)
+    plain = images.grid([[t, t], [t, t]])
+    sheet = images.grid([[t, t], [t, t]], col_labels=["face", "normal"], row_labels=["method 0", "method 7"])
+    top, left = sheet.shape[0] - plain.shape[0], sheet.shape[1] - plain.shape[1]
+    assert top > 5 and left > 20
+    assert np.array_equal(sheet[top:, left:], plain)  # the tiles are where they were, shifted
+    assert sheet[:top].min() < 128 and sheet[top:, :left].min() < 128  # some dark text in each band
+    assert images.step_labels(3) == ["t=0.00", "t=0.50", "t=1.00"]
+
+
 def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     target = tmp_path / "out" / "a.png"
 

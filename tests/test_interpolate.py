@@ -80,11 +80,12 @@ def test_dump_and_strips_method3(faces, checkpoint3, tmp_path, capsys):
     lights = [read_light(out / f"{i}_light.txt") for i in range(3)]
     np.testing.assert_allclose(lights[0], ref["light"][0].numpy(), rtol=1e-6, atol=1e-7)
     strip = np.asarray(Image.open(out / "0_relight.png")).astype(np.float64) / 255
-    assert strip.shape == (2 * 130 + 2, 4 * 130 + 2, 3)
+    top, left = strip.shape[0] - (2 * 130 + 2), strip.shape[1] - (4 * 130 + 2)  # the label bands
+    assert top > 0 and left > 0 and strip[:top].min() < 0.5 and strip[top:, :left].min() < 0.5
     normal, albedo = ref["normal"][0].numpy(), ref["albedo"][0].numpy()
     for col, light in ((0, lights[0]), (3, lights[1])):  # next picture's light at the end
         recon = np.clip(sh_render(normal, light) * albedo, 0, 1).transpose(1, 2, 0)
-        tile = strip[132:260, 2 + col * 130: 130 + col * 130]
+        tile = strip[top + 132:top + 260, left + 2 + col * 130: left + 130 + col * 130]
         assert np.abs(tile - recon).max() <= 1 / 255 + 1e-3
 
 
@@ -100,7 +101,7 @@ def test_light_file_target_and_method2(faces, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == EXIT_PARTIAL and "b.png" in err and "Traceback" not in err
     strip = np.asarray(Image.open(tmp_path / "o" / "0_relight.png"))
-    assert strip.shape == (262, 3 * 130 + 2, 3)
+    assert strip.shape[0] > 262 and strip.shape[1] > 3 * 130 + 2  # 3 frames, labelled
     code = cli.main([str(tmp_path / "in" / "a.png"), str(tmp_path / "o2"), "--method", "2"])
     err = capsys.readouterr().err
     assert code == EXIT_OK and "no SH light" in err

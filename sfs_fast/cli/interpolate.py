@@ -141,7 +141,7 @@ def strip_image(o: dict, light_b, steps: int):
     scale = float(shading.max())
     rows = [[images.shading_to_rgb(s, scale=scale) for s in shading.numpy()],
             [images.unit_to_rgb(r) for r in recon.numpy()]]
-    return images.grid(rows)
+    return images.grid(rows, col_labels=images.step_labels(steps), row_labels=["shading", "face"])
 
 
 def interpolate(args) -> int:
