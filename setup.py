@@ -125,6 +125,7 @@ setup(
             "sfs-decompose=sfs_fast.cli.decompose:main",
             "sfs-relight=sfs_fast.cli.relight:main",
             "sfs-interpolate=sfs_fast.cli.interpolate:main",
+            "sfs-compare=sfs_fast.cli.compare:main",
             "sfs-export=sfs_fast.export.cli:main",
             "sfs-bench=sfs_fast.bench.cli:main",
             "sfs-train=sfs_fast.training.cli:train_main",

@@ -52,7 +52,7 @@ def checked_plan(args):
     return plan_from_args(args)  # a missing checkpoint is load_any's to report (it also takes registry names)
 
 
-def _print_notes(notes, prog: str) -> None:
+def print_notes(notes, prog: str) -> None:
     for text in notes:
         print(f"{prog}: note: {text}", file=sys.stderr)
 
@@ -67,7 +67,7 @@ def make_decomposer(args, prog: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the Decomposer's notes say the same, once, below
         dec = Decomposer(method=args.method, weights=args.weights, onnx=args.onnx, plan=plan)
-    _print_notes(getattr(dec, "notes", []), prog)
+    print_notes(getattr(dec, "notes", []), prog)
     return dec
 
 
@@ -80,5 +80,5 @@ def make_model_source(args, prog: str):
     if args.onnx:
         return args.onnx
     model, notes = load_model(method=args.method, weights=args.weights)
-    _print_notes(notes, prog)
+    print_notes(notes, prog)
     return model
