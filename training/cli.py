@@ -59,7 +59,7 @@ def build_train_parser() -> argparse.ArgumentParser:
                    help="restrict image losses to the mask (default, as Caffe)")
     p.add_argument("--no-mask-losses", dest="mask_losses", action="store_false",
                    help="supervise every pixel (the PyTorch port)")
-    p.add_argument("--loss-variant", default=None, help="alternative loss table: shading or recon-mse")
+    p.add_argument("--loss-variant", default=None, help="alternative loss table: shading, recon-mse (methods 1-4) or light (method 0)")
     p.add_argument("--crop", type=int, default=None,
                    help="train on random NxN crops (same scale, fewer pixels: cheaper steps on a CPU)")
     p.add_argument("--val-split", type=float, default=2.0, help="validation percent of the training rows (default 2)")
