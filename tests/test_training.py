@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -298,3 +299,17 @@ def test_a_registered_method_trains(data, tmp_path):
         assert trainer.stage == "main" and trainer.total_epochs == 1
     finally:
         METHODS.pop(8)
+
+
+def test_sample_grid_is_labelled(data, tmp_path):
+    from PIL import Image
+
+    from sfs_fast.training.trainer import SAMPLE_COLUMNS
+
+    trainer = Trainer(_opts(data, tmp_path, 3))
+    trainer.save_samples(2)
+    sheet = np.asarray(Image.open(tmp_path / "m3" / "samples" / "epoch_001.png"))
+    size = trainer.splits.val[0]["face"].shape[-1] + 2  # a tile and its gap
+    rows = min(2, len(trainer.splits.val))
+    top, left = sheet.shape[0] - (rows * size + 2), sheet.shape[1] - (len(SAMPLE_COLUMNS) * size + 2)
+    assert top > 0 and left > 0 and sheet[:top].min() < 128 and sheet[top:, :left].min() < 128

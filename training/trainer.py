@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sfs_fast import images
 from sfs_fast import weights as weights_mod
 from sfs_fast.atomic import TEMP_PREFIX, atomic_destination, atomic_write
 from sfs_fast.kernels import resolve_backend
@@ -562,10 +563,8 @@ class Trainer:
 
     @torch.no_grad()
     def save_samples(self, n=4):
-        """A PNG grid of a few decompositions: columns face, recon, albedo, GT albedo,
-        shading, normal, GT normal; one row per sample."""
-        from PIL import Image
-
+        """A labelled PNG grid of a few decompositions: columns :data:`SAMPLE_COLUMNS`, one
+        row per validation sample."""
         ds = self.splits.val if self.splits.val is not None and len(self.splits.val) else self.splits.train
         batch = torch.utils.data.default_collate([ds[i] for i in range(min(n, len(ds)))])
         batch = self.to_device(batch)
@@ -573,11 +572,12 @@ class Trainer:
         out = self.model(batch["face"])
         cols = [batch["face"], out["recon"], out["albedo"], batch["albedo"], out["shading"],
                 (out["normal"] + 1) / 2, (batch["normal"] + 1) / 2]
-        grid = torch.cat([torch.cat(list(c.float().clamp(0, 1).cpu()), dim=1) for c in cols], dim=2)
-        img = (grid.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-        folder = self.log_dir / "samples"
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(img).save(folder / f"epoch_{self.epoch + 1:03d}.png")
+        rows = [[images.unit_to_rgb(c[i].float().cpu().numpy()) for c in cols] for i in range(len(batch["face"]))]
+        sheet = images.grid(rows, col_labels=SAMPLE_COLUMNS, row_labels=[f"val {i}" for i in range(len(rows))])
+        images.save_png(self.log_dir / "samples" / f"epoch_{self.epoch + 1:03d}.png", sheet)
+
+
+SAMPLE_COLUMNS = ("face", "recon", "albedo", "GT albedo", "shading", "normal", "GT normal")
 
 
 def decomposition_errors(out: dict, batch: dict) -> dict:
