@@ -1,6 +1,6 @@
 """``sfs-bench quality``: how good each method's bundled weights are, beside constant guesses.
 
-    sfs-bench quality [--method 0-7|all] [--faces 24] [--lights 3] [--json OUT] [--markdown OUT]
+    sfs-bench quality [--method 0-7|all] [--faces 24] [--lights 3] [--real DIR ...] [--json OUT] [--markdown OUT]
 
 What a user picks weights by. Real faces with ground truth are scarce, so the check is built
 from what the package has:
@@ -17,7 +17,9 @@ from what the package has:
 - **plausibility on the bundled example faces** (real photos, no ground truth): the lowest
   DC light term over images and channels (must be positive), the worst ratio of one colour
   channel's mean shading to another's (near-grey light: at most 1.5) and the reconstruction's
-  mean absolute error on the face (template mask).
+  mean absolute error on the face (template mask). ``--real DIR`` adds the same three numbers
+  on the face crops of other folders (e.g. the 19 SfSNet crops of the shared reference data,
+  which are framed like the template; files named ``*_mask*`` are skipped).
 
 Methods without bundled weights are listed as such (never random weights). Every model runs
 through the Decomposer in eager float32.
@@ -121,7 +123,8 @@ def plausibility(out: dict, images: torch.Tensor, mask: torch.Tensor) -> dict:
     return result
 
 
-def evaluate(method, truth: dict, lights: int, examples: torch.Tensor, mask: torch.Tensor, spec=None) -> dict:
+def evaluate(method, truth: dict, lights: int, examples: torch.Tensor, mask: torch.Tensor, spec=None,
+             real: torch.Tensor | None = None) -> dict:
     """One row: the method's bundled weights (or ``spec``: a checkpoint or registered name,
     whose file says the method) through the Decomposer (eager fp32)."""
     from sfs_fast import Decomposer, weights
@@ -135,6 +138,8 @@ def evaluate(method, truth: dict, lights: int, examples: torch.Tensor, mask: tor
     out = _decompose(dec, truth["image"])
     row = {"method": dec.method, "status": "ok", "weights": Path(str(spec)).name, **heldout_scores(out, truth, lights)}
     row.update({f"examples_{k}": v for k, v in plausibility(_decompose(dec, examples), examples, mask).items()})
+    if real is not None:
+        row.update({f"real_{k}": v for k, v in plausibility(_decompose(dec, real), real, mask).items()})
     return row
 
 
@@ -149,22 +154,36 @@ def _decompose(dec, images: torch.Tensor, batch: int = 16) -> dict:
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def run(methods, faces: int, lights: int, spec=None) -> dict:
+def real_crops(folders) -> torch.Tensor | None:
+    """The face pictures of ``folders`` (sorted, ``*_mask*`` skipped) as ``[N,3,128,128]``."""
+    from sfs_fast import images
+
+    paths = sorted(p for d in folders for p in Path(d).iterdir()
+                   if "_mask" not in p.name and p.is_file() and images.is_picture(p))
+    if folders and not paths:
+        raise CommandError(f"--real {' '.join(map(str, folders))}: no pictures found")
+    return torch.from_numpy(np.stack([images.load_image(p)[0] for p in paths])) if paths else None
+
+
+def run(methods, faces: int, lights: int, spec=None, real=()) -> dict:
     from sfs_fast.faces import template_mask
     from sfs_fast.samples import example_faces
 
     truth = heldout_faces(faces, lights)
     examples = torch.from_numpy(example_faces())
     mask = torch.from_numpy(template_mask() > 0.5)
-    rows = [evaluate(m, truth, lights, examples, mask, spec) for m in methods]
+    real_images = real_crops(real)
+    rows = [evaluate(m, truth, lights, examples, mask, spec, real_images) for m in methods]
     return {"kind": "quality", "faces": faces, "lights": lights, "seed": HELDOUT_SEED,
+            "real": [str(d) for d in real], "real_pictures": 0 if real_images is None else len(real_images),
             "baseline": baseline_scores(truth, lights), "results": rows}
 
 
 COLUMNS = (("normal_deg", "normal (deg)", "{:.1f}"), ("light_deg", "light dir (deg)", "{:.1f}"),
            ("albedo_l1", "albedo L1", "{:.3f}"), ("albedo_variation", "albedo var", "{:.3f}"),
            ("examples_dc_min", "ex. min DC", "{:+.3f}"), ("examples_colour_ratio", "ex. colour ratio", "{:.2f}"),
-           ("examples_recon_mae", "ex. recon MAE", "{:.3f}"))
+           ("examples_recon_mae", "ex. recon MAE", "{:.3f}"), ("real_dc_min", "real min DC", "{:+.3f}"),
+           ("real_colour_ratio", "real colour ratio", "{:.2f}"), ("real_recon_mae", "real recon MAE", "{:.3f}"))
 
 
 def format_table(result: dict) -> str:
@@ -188,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lights", type=int, default=3, help="relit versions of each face (default 3; at least 2)")
     p.add_argument("--weights", default=None, help="a checkpoint or registered name to measure instead of the "
                    "bundled weights (with one --method, or none: the file's)")
+    p.add_argument("--real", nargs="+", default=[], metavar="DIR",
+                   help="folders of real face crops framed like the examples: plausibility there too")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads")
     p.add_argument("--json", default=None, metavar="OUT", help="write the result as JSON")
     p.add_argument("--markdown", default=None, metavar="OUT", help="write the table as Markdown")
@@ -214,7 +235,7 @@ def _run(args) -> int:
     methods = _methods(args.method) if args.weights is None or args.method != "all" else [None]
     if args.weights is not None and len(methods) != 1:
         raise CommandError("--weights: give at most one --method", 2)
-    result = run(methods, args.faces, args.lights, args.weights)
+    result = run(methods, args.faces, args.lights, args.weights, args.real)
     table = format_table(result)
     print(table)
     if args.json:

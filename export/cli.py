@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output .onnx file (default: method{N}-{slug}[-fp16|-int8].onnx here), "
                         "or the folder with --all (default: onnx/)")
     p.add_argument("--weights", default=None,
-                   help="checkpoint (safetensors, Caffe .h5, .pth/.pkl) or registered name (sfsnet, demo-0, "
-                        "demo-3: sfs-weights list); default: the default weights of "
+                   help="checkpoint (safetensors, Caffe .h5, .pth/.pkl) or registered name (sfsnet, demo-0 ... "
+                        "demo-7: sfs-weights list); default: the default weights of "
                         "the method, else random (untrained) weights with a warning")
     p.add_argument("--opset", type=int, default=DEFAULT_OPSET,
                    help=f"ONNX opset, {MIN_OPSET}-{MAX_OPSET} (default {DEFAULT_OPSET})")

@@ -8,7 +8,8 @@ registered name. Pickle files are never executed: ``.pth``/``.pkl`` files go thr
 
 Named weights (``REGISTRY``): ``sfsnet`` is the official SfSNet (Caffe release, fetched once
 into the cache by :func:`fetch`, checked by git blob id, converted by the exact Caffe
-importer); ``demo-0`` and ``demo-3`` are the bundled demo checkpoints.
+importer); ``demo-0`` ... ``demo-7`` are the bundled checkpoints, one per method, trained by
+``sfs-train`` on synthetic renders (``tools/bundle_weights.py``; 1-7 stored against ``demo-0``).
 
 Imports point one way: ``weights -> importers -> errors`` and ``weights -> download ->
 errors``; neither importers nor download import this module.
@@ -326,7 +327,7 @@ class WeightsEntry:
 WEIGHTS_DIR = Path(__file__).parent / "data"
 
 _SFSNET_COMMIT = "158d18bc20c53faae607ce9b0874c673c5b6ac63"
-_DEMO_TEXT = "demo trained on procedural synthetic faces only (sfs-data synth), not real photographs"
+_DEMO_TEXT = "trained briefly on synthetic mesh-face renders only (sfs-data synth), not real photographs"
 
 REGISTRY: dict[str, WeightsEntry] = {}
 
@@ -350,10 +351,9 @@ register(WeightsEntry(
     blob_id="5dea2585898c6d1a754da737c58b4a62d9efd101",
     licence="MIT-style grant, Copyright 2018 University of Maryland (SfSNet README)",
     licence_url=f"https://github.com/senguptaumd/SfSNet/blob/{_SFSNET_COMMIT}/README.md"))
-register(WeightsEntry(name="demo-0", method=0, filename="method0_demo.safetensors",
-                      description=f"SfSNet architecture, {_DEMO_TEXT}", demo=True))
-register(WeightsEntry(name="demo-3", method=3, filename="method3_demo.safetensors",
-                      description=f"shading-residue (method 3), {_DEMO_TEXT}", demo=True))
+for _m, _spec in METHODS.items():  # one bundled checkpoint per method; 1-7 stored against demo-0
+    register(WeightsEntry(name=f"demo-{_m}", method=_m, filename=f"method{_m}_demo.safetensors",
+                          description=f"{_spec.slug} (method {_m}), {_DEMO_TEXT}", demo=True))
 
 
 def _unknown(spec) -> CheckpointError:

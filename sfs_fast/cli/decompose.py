@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--weights", metavar="CKPT", default=None,
                      help="checkpoint (.safetensors, or .pth/.pkl/.caffemodel.h5 imported on the fly) or a "
-                          "registered name (sfsnet, demo-0, demo-3: see sfs-weights list); default: the "
+                          "registered name (sfsnet, demo-0 ... demo-7: see sfs-weights list); default: the "
                           "cached official SfSNet for method 0, else the bundled demo weights of the method")
     src.add_argument("--onnx", metavar="FILE", default=None,
                      help="an exported .onnx model (implies --backend onnx)")
