@@ -313,3 +313,15 @@ def test_sample_grid_is_labelled(data, tmp_path):
     rows = min(2, len(trainer.splits.val))
     top, left = sheet.shape[0] - (rows * size + 2), sheet.shape[1] - (len(SAMPLE_COLUMNS) * size + 2)
     assert top > 0 and left > 0 and sheet[:top].min() < 128 and sheet[top:, :left].min() < 128
+
+
+def test_freeze_keeps_the_named_modules_fixed(data, tmp_path):
+    trainer = Trainer(_opts(data, tmp_path, 0, freeze=("conv_model", "normal_residual_model")))
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trainer.set_train_mode()
+    trainer.train_step(_fixed_batch(trainer))
+    after = trainer.model.state_dict()
+    changed = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert "light_estimator_model" in changed and not changed & {"conv_model", "normal_residual_model"}
+    with pytest.raises(ValueError, match="--freeze: method 0 has no module nope"):
+        Trainer(_opts(data, tmp_path, 0, freeze=("nope",)))

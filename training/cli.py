@@ -65,6 +65,9 @@ def build_train_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-split", type=float, default=2.0, help="validation percent of the training rows (default 2)")
     p.add_argument("--shading-backend", default="auto",
                    help="backend of the fused shading op: auto (fastest available), reference, cpu, ...")
+    p.add_argument("--freeze", type=lambda t: tuple(x for x in t.split(",") if x), default=(),
+                   help="comma-separated modules to keep fixed, besides those the method freezes when loaded "
+                        "(e.g. all but light_estimator_model: fine-tune the light alone)")
     p.add_argument("--threads", type=int, default=None, help="intra-op CPU threads (default: torch's)")
     p.add_argument("--log-every", type=int, default=50, help="print the loss every N steps (0: per epoch only)")
     p.add_argument("--samples", type=int, default=4, help="decompositions in each epoch's sample grid (0: none)")
@@ -91,7 +94,7 @@ def _train(args) -> int:
         batch_size=args.batch_size, epochs=args.epochs, lr=args.lr, wt_decay=args.wt_decay, seed=args.seed,
         read_first=args.read_first, details=args.details, load_pretrained_model=args.load_pretrained_model,
         load_model=args.load_model, device=device, workers=args.workers, mask_losses=args.mask_losses,
-        loss_variant=args.loss_variant, crop=args.crop, val_split=args.val_split,
+        loss_variant=args.loss_variant, crop=args.crop, val_split=args.val_split, freeze=args.freeze,
         shading_backend=args.shading_backend, log_every=args.log_every, samples=args.samples,
         command=args.command)
     trainer = Trainer(opts)
@@ -122,6 +125,8 @@ def build_data_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=128, help="image size in pixels (default 128)")
     s.add_argument("--test-fraction", type=float, default=0.1, help="fraction of faces in test/ (default 0.1)")
     s.add_argument("--lights-per-face", type=int, default=1, help="renderings of each face under new lights (default 1)")
+    s.add_argument("--light-tint", type=float, default=1.0,
+                   help="mesh generator: how much of the SfSNet lights' colour tint to keep (1 as the files, 0 grey)")
     s.add_argument("--generator", choices=["mesh", "procedural"], default="mesh",
                    help="mesh: MediaPipe face geometry with hair, neck, background, highlights, shadows and "
                         "camera effects (default); procedural: the older height-field heads")
@@ -161,7 +166,8 @@ def _synth(args) -> int:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     counts = write_dataset(out, args.n, seed=args.seed, size=args.size, test_fraction=args.test_fraction,
-                           lights_per_face=args.lights_per_face, generator=args.generator)
+                           lights_per_face=args.lights_per_face, generator=args.generator,
+                           light_tint=args.light_tint)
     print(f"sfs-data: wrote {counts.get('train', 0)} train and {counts.get('test', 0)} test samples to {out} "
           f"in {time.perf_counter() - started:.1f} s")
     return 0

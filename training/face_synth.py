@@ -100,6 +100,10 @@ class FaceSynthOptions:
     occlusion: bool = True
     shadows: bool = True
     camera: bool = True
+    # How much of the SfSNet files' per-channel light tint is kept: 1 as in the files (warm on
+    # average, red DC 1.3x blue), 0 grey lights. Photos are white-balanced, and a network
+    # trained on the files' tints explains part of the skin colour as light colour.
+    light_tint: float = 1.0
 
 
 # --------------------------------------------------------------------------------------
@@ -645,7 +649,7 @@ def render_face(rng: np.random.Generator, options: FaceSynthOptions) -> dict:
 # Lights and what SH cannot model
 
 
-def draw_face_lights(rng: np.random.Generator, n: int) -> np.ndarray:
+def draw_face_lights(rng: np.random.Generator, n: int, tint: float = 1.0) -> np.ndarray:
     """``[n,27]`` lights from :func:`sfs_fast.training.synth.draw_lights` (the SfSNet files'
     statistics), mirrored left-right for half of them.
 
@@ -655,10 +659,16 @@ def draw_face_lights(rng: np.random.Generator, n: int) -> np.ndarray:
     flipping the sign of the x-odd terms (x, xz, xy) keeps each light's shape and makes the
     set left-right symmetric (x coefficient 0.00 +- 0.28). The other statistics are the
     files' (grey mean and spread of all nine terms, |first order| / DC 0.61 in the files,
-    0.63 drawn), so the sampler is otherwise used as it is."""
+    0.63 drawn), so the sampler is otherwise used as it is.
+
+    ``tint`` < 1 pulls each channel block towards the channel mean (its DC relative to the
+    mean DC becomes ``1 + tint * (ratio - 1)``; the grey light is kept)."""
     lights = draw_lights(rng, n).reshape(n, 3, 9)
     flip = rng.random(n) < 0.5
     lights[np.ix_(flip, [0, 1, 2], [2, 5, 8])] *= -1.0
+    if tint != 1.0:
+        grey = lights.mean(1, keepdims=True)
+        lights = grey + tint * (lights - grey)
     return lights.reshape(n, 27)
 
 
@@ -788,7 +798,7 @@ def render_sample(rng: np.random.Generator, options: FaceSynthOptions = FaceSynt
     ``normal`` uint8 ``[k,S,S,3]``, ``mask``, ``depth`` uint8 ``[k,S,S]``, ``light`` float64
     ``[k,27]``, ``sh_shading`` float ``[k,S,S,3]`` (the SH target the face was built on)."""
     geom = render_face(rng, options)
-    lights = draw_face_lights(rng, lights_per_face)
+    lights = draw_face_lights(rng, lights_per_face, options.light_tint)
     lit = [light_face(rng, geom, light, options) for light in lights]
     out = {key: np.repeat(geom[key][None], lights_per_face, 0) for key in ("albedo", "normal", "mask", "depth")}
     out["face"] = np.stack([x["face"] for x in lit])

@@ -23,6 +23,7 @@ Layout written by :func:`write_dataset`::
 """
 from __future__ import annotations
 
+import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -305,18 +306,25 @@ def _save_png(path: Path, array: np.ndarray) -> None:
 
 def write_dataset(out, n: int, seed: int = 0, size: int = 128, test_fraction: float = 0.1,
                   lights_per_face: int = 1, faces_per_folder: int = 100, progress=None,
-                  generator: str = "procedural") -> dict:
+                  generator: str = "procedural", light_tint: float = 1.0) -> dict:
     """Write ``n`` faces (x ``lights_per_face``) to ``out`` in the synthetic layout and the
     CSVs. The last ``round(n * test_fraction)`` faces go to ``test/``. Files are written under
     a temporary name and renamed, so an interrupted run leaves no half-written file.
-    ``generator``: ``procedural`` (this module) or ``mesh`` (:mod:`.face_synth`).
+    ``generator``: ``procedural`` (this module) or ``mesh`` (:mod:`.face_synth`);
+    ``light_tint``: the mesh generator's :attr:`~.face_synth.FaceSynthOptions.light_tint`.
     Returns ``{"train": rows, "test": rows}``."""
     from sfs_fast.training.data import generate_dataset_csv
     from sfs_fast.training import face_synth
 
     if generator not in ("procedural", "mesh"):
         raise ValueError(f"--generator: expected mesh or procedural, got {generator!r}")
-    batches = face_synth.generate if generator == "mesh" else generate
+    if light_tint != 1.0 and generator != "mesh":
+        raise ValueError("--light-tint: only the mesh generator has it")
+    if generator == "mesh":
+        options = face_synth.FaceSynthOptions(light_tint=float(light_tint))
+        batches = functools.partial(face_synth.generate, options=options)
+    else:
+        batches = generate
 
     if n < 1:
         raise ValueError(f"--n: need at least one sample, got {n}")

@@ -73,6 +73,7 @@ class TrainOptions:
     shading_backend: str = "auto"
     log_every: int = 50
     samples: int = 4
+    freeze: tuple = ()  # modules kept fixed besides the method's frozen_if_loaded (--freeze)
     command: str = ""
 
 
@@ -189,6 +190,7 @@ class Trainer:
                 if not self.loaded:
                     raise ValueError(f"--load_pretrained_model {opts.load_pretrained_model}: no module fits method {self.method}")
                 self.frozen = set(self.spec.frozen_if_loaded) & self.loaded  # FIX-freeze-loaded
+            self.frozen |= self._checked_freeze(opts.freeze)
         self.model.to(self.device)
 
         self.disc = build_discriminator(self.method).to(self.device) if self.gan else None
@@ -496,6 +498,15 @@ class Trainer:
         keep = [line for line in path.read_text().splitlines() if line.strip()
                 and json.loads(line).get("epoch", 0) <= self.epoch]
         atomic_write(path, lambda f: f.write("".join(line + "\n" for line in keep).encode()))
+
+    def _checked_freeze(self, names) -> set:
+        """``--freeze``: modules of the model that stay fixed (eval mode, no gradients)."""
+        modules = {name for name, _ in self.model.named_children()}
+        unknown = sorted(set(names) - modules)
+        if unknown:
+            raise ValueError(f"--freeze: method {self.method} has no module {', '.join(unknown)} "
+                             f"(it has {', '.join(sorted(modules))})")
+        return set(names)
 
     # ---------------------------------------------------------------- checkpoints
 
