@@ -102,6 +102,8 @@ setup(
         # (the later install silently wins and the CUDA provider disappears).
         "gpu": ["onnx>=1.15", "onnxruntime-gpu>=1.17", "onnxslim>=0.1.30", "triton>=3.0"],
         "plot": ["matplotlib>=3.5"],
+        # sfs-bench e2e peer rows openvino / openvino-bf16 (Intel's runtime on the exported ONNX)
+        "openvino": ["onnx>=1.15", "onnxruntime>=1.17", "onnxslim>=0.1.30", "openvino>=2024.0"],
         # face detection (YuNet through cv2.FaceDetectorYN) and alignment: sfs_fast.faces
         "faces": ["opencv-python-headless>=4.8"],
         # sfs-decompose --engine ray: Ray Data's actor pools (ActorPoolStrategy(size=...)) and map_batches
