@@ -4,6 +4,7 @@
     sfs-bench op                      # the shading op micro benchmark (sfs_fast.bench.op)
     sfs-bench train --method all --batch 2
     sfs-bench folder                  # the folder pipeline's peak RSS at 200 and 2,000 pictures
+    sfs-bench folder-speed            # images/s of the folder run against the model alone, per path
     sfs-bench faces                   # detection + alignment + paste-back per photo, beside the model
     sfs-bench quality                 # bundled weights per method vs constant guesses (held-out renders, examples)
     sfs-bench ray                     # images/s on 1 and 2 local Ray actors vs the local engine, Ray's overhead
@@ -184,7 +185,8 @@ def _run_op(args, log) -> dict:
 
 
 # sfs-bench subcommands with flags of their own: name -> module with main(argv)
-OWN_FLAGS = {"folder": "sfs_fast.bench.folder", "faces": "sfs_fast.bench.faces", "quality": "sfs_fast.bench.quality",
+OWN_FLAGS = {"folder": "sfs_fast.bench.folder", "folder-speed": "sfs_fast.bench.folder_speed",
+             "faces": "sfs_fast.bench.faces", "quality": "sfs_fast.bench.quality",
              "ray": "sfs_fast.bench.folder_ray", "latency": "sfs_fast.bench.latency"}
 
 

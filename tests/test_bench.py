@@ -290,3 +290,16 @@ def test_each_fused_option_matches_the_model(off):
 def test_unknown_fused_option_is_rejected():
     with pytest.raises(ValueError, match="unknown optimisation"):
         optimize_for_inference(build_model(0), warp_speed=True)
+
+
+def test_folder_speed_runs_the_same_pictures_both_ways(tmp_path, capsys):
+    from sfs_fast.bench import cli
+
+    assert cli.main(["folder-speed", "--pictures", "2", "--batch-size", "1", "--paths", "eager",
+                     "--json", str(tmp_path / "fs.json")]) == 0
+    row = json.loads((tmp_path / "fs.json").read_text())["rows"][0]
+    assert row["path"] == "eager" and row["plan"] == "eager fp32" and row["pictures"] == row["ok"] == 2
+    assert row["ratio"] == pytest.approx(row["folder_img_s"] / row["model_img_s"])
+    assert "| eager | eager fp32 |" in capsys.readouterr().out
+    assert cli.main(["folder-speed", "--paths", "nope"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
