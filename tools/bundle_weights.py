@@ -1,12 +1,13 @@
 """Write the bundled weights (``sfs_fast/data/method{N}_demo.safetensors``) from sfs-train runs.
 
-    python tools/bundle_weights.py RUNS [--methods 0-7] [--data-command "sfs-data synth ..."]
+    python tools/bundle_weights.py RUNS --before "sfs-data synth ... && sfs-train ..." [--methods 0,1,...]
 
-RUNS holds one sfs-train log dir per method, ``m0`` ... ``m7``; each run's
+RUNS holds one sfs-train log dir per method, ``m0b`` (method 0's last run) and ``m1`` ... ``m7``; each run's
 ``model.safetensors`` is stored in float16. Method 0 is stored whole; the others are stored
 against it (``weights.save(base=...)``): only the modules their training changed, since they
-start from method 0's frozen trunk. The commands that made the data and each run, and the
-run's last validation metrics, go into the file's metadata.
+start from method 0's frozen trunk. ``--before`` (the commands that made the data and the runs
+each run starts from) joined with the run's own command, and the run's last metrics, go into
+the file's metadata.
 """
 from __future__ import annotations
 
@@ -22,12 +23,12 @@ NOTICE = ("Bundled weights from a short CPU training on mesh-face renders (sfs-d
 TRAINING_DATA = "sfs-data synth (mesh generator: MediaPipe canonical face, procedural albedo and surroundings)"
 
 
-def bundle(runs: Path, methods, data_command: str) -> None:
+def bundle(runs: Path, methods, before: str) -> None:
     base = weights.WEIGHTS_DIR / "method0_demo.safetensors"
     for m in methods:
-        model = weights.load(runs / f"m{m}" / "model.safetensors", method=m)
+        model = weights.load(runs / (f"m{m}" if m else "m0b") / "model.safetensors", method=m)
         meta = model.checkpoint_metadata
-        extra = {"trained_by": "sfs-train", "command": f"{data_command} && {meta.get('command', '')}",
+        extra = {"trained_by": "sfs-train", "command": f"{before} && {meta.get('command', '')}",
                  "options": meta.get("options"), "metrics": meta.get("metrics"),
                  "pretrained_modules": meta.get("pretrained_modules"), "frozen_modules": meta.get("frozen_modules"),
                  "epoch": meta.get("epoch"), "step": meta.get("step"), "training_data": TRAINING_DATA,
@@ -44,12 +45,12 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", type=Path)
     p.add_argument("--methods", default="0,1,2,3,4,5,6,7")
-    p.add_argument("--data-command", required=True, help="the sfs-data command that made the training data")
+    p.add_argument("--before", required=True, help="the commands before the runs (data, the base runs)")
     args = p.parse_args()
     methods = [int(x) for x in args.methods.split(",")]
     if methods[0] != 0 and not (weights.WEIGHTS_DIR / "method0_demo.safetensors").is_file():
         raise SystemExit("method 0 first: the other methods are stored against it")
-    bundle(args.runs, methods, args.data_command)
+    bundle(args.runs, methods, args.before)
 
 
 if __name__ == "__main__":
