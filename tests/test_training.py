@@ -325,3 +325,16 @@ def test_freeze_keeps_the_named_modules_fixed(data, tmp_path):
     assert "light_estimator_model" in changed and not changed & {"conv_model", "normal_residual_model"}
     with pytest.raises(ValueError, match="--freeze: method 0 has no module nope"):
         Trainer(_opts(data, tmp_path, 0, freeze=("nope",)))
+
+
+def test_a_fresh_residue_head_starts_at_zero_residue(data, tmp_path):
+    base = tmp_path / "m0.safetensors"
+    W.save(build_model(0), base)
+    trainer = Trainer(_opts(data, tmp_path, 4, load_pretrained_model=str(base)))
+    with torch.no_grad():
+        out = trainer.model.eval()(torch.rand(1, 3, 32, 32))
+    assert float(out["residue"].abs().max()) == 0.0
+    trainer.set_train_mode()
+    trainer.train_step(_fixed_batch(trainer))  # and it learns from there
+    with torch.no_grad():
+        assert float(trainer.model.eval()(torch.rand(1, 3, 32, 32))["residue"].abs().max()) > 0.0
