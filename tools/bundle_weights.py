@@ -25,10 +25,11 @@ TRAINING_DATA = "sfs-data synth (mesh generator: MediaPipe canonical face, proce
 
 def bundle(runs: Path, methods, before: str) -> None:
     base = weights.WEIGHTS_DIR / "method0_demo.safetensors"
+    method0_command = weights.read_metadata(runs / "m0b" / "model.safetensors").get("command", "")
     for m in methods:
         model = weights.load(runs / (f"m{m}" if m else "m0b") / "model.safetensors", method=m)
         meta = model.checkpoint_metadata
-        extra = {"trained_by": "sfs-train", "command": f"{before} && {meta.get('command', '')}",
+        extra = {"trained_by": "sfs-train", "command": " && ".join([before] + ([method0_command] if m else []) + [meta.get("command", "")]),
                  "options": meta.get("options"), "metrics": meta.get("metrics"),
                  "pretrained_modules": meta.get("pretrained_modules"), "frozen_modules": meta.get("frozen_modules"),
                  "epoch": meta.get("epoch"), "step": meta.get("step"), "training_data": TRAINING_DATA,
