@@ -85,23 +85,23 @@ def output_convolutions(proto) -> list[str]:
 
 
 # Which convolutions ``quantize_int8`` quantizes (sfs_fast.plan.INT8_LAYERS): measured one
-# layer at a time on the demo weights, only the first convolution of each residual block of
-# the albedo trunks stays well within the accuracy budget; every other layer costs more than
-# the whole budget, because int8 rounds each convolution's *output* to 256 levels and those
-# layers feed outputs directly (figures in bench/README.md).
+# layer at a time on the bundled weights, only the first convolution of the first residual
+# block of each albedo trunk stays within the accuracy budget; every later layer costs more
+# than the whole budget (the light estimator reads the trunks' last features, and int8 rounds
+# each convolution's *output* to 256 levels). Figures in bench/README.md.
 
 
 def quantized_convolutions(proto, layers: str = "budget") -> list[str]:
     """Names of the Conv nodes :func:`quantize_int8` quantizes for ``layers`` (see
-    :data:`INT8_LAYERS`): ``budget``, the first convolution of every residual block of the
-    albedo trunks; ``all``, every convolution but :func:`output_convolutions`."""
+    :data:`INT8_LAYERS`): ``budget``, the first convolution of the first residual block of
+    each albedo trunk; ``all``, every convolution but :func:`output_convolutions`."""
     if layers not in INT8_LAYERS:
         raise ValueError(f"int8_layers: expected one of {', '.join(INT8_LAYERS)}, got {layers!r}")
     convs = [n.name for n in proto.graph.node if n.op_type == "Conv"]
     if layers == "all":
         outputs = set(output_convolutions(proto))
         return [n for n in convs if n not in outputs]
-    return [n for n in convs if n.startswith("/model/albedo_residual_model") and "/res/res.2/" in n]
+    return [n for n in convs if n.startswith("/model/albedo_residual_model") and "/block1/res/res.2/" in n]
 
 
 def quantize_int8(proto, calibration: np.ndarray, *, batch: int | None = None, layers: str = "budget"):

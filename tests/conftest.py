@@ -77,3 +77,29 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.originalname in NEEDS_BF16_HARDWARE or item.name in NEEDS_BF16_HARDWARE:
             item.add_marker(skip)
+
+
+# The modules that test precision ``auto`` itself (its candidates, its checks, its cache).
+REAL_AUTO_MODULES = {"test_precision", "test_plan", "test_plan_cache"}
+
+
+@pytest.fixture(autouse=True)
+def _auto_is_fp32_outside_its_own_tests(request, monkeypatch):
+    """Elsewhere ``auto`` (every command's default) chooses among fp32 paths only: on a CPU with
+    bf16 and VNNI each first use would otherwise export, quantize and time three paths (30-90 s
+    per method and weights), which the command tests do not test. Their decisions go to a
+    cache folder of their own so the tests of auto never read one."""
+    if request.module.__name__.rsplit(".", 1)[-1] in REAL_AUTO_MODULES:
+        return
+    from sfs_fast import precision
+
+    real = precision.auto_choices
+
+    def fp32_only(backend, device="cpu"):
+        candidates, ruled_out = real(backend, device)
+        skipped = [{"backend": b, "precision": p, "why": "not tried in tests outside the tests of auto"}
+                   for b, p in candidates if p != "fp32"]
+        return [c for c in candidates if c[1] == "fp32"], ruled_out + skipped
+
+    monkeypatch.setattr(precision, "auto_choices", fp32_only)
+    monkeypatch.setenv("SFS_FAST_PLAN_CACHE", os.path.join(_CACHE, "plans-fp32-only"))
