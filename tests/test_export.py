@@ -259,8 +259,8 @@ def test_int8_quantizes_the_budget_layers_and_keeps_outputs_float(exported, tmp_
     result = export_onnx(model, path, precision="int8", calibration=calib, verify_batches=(1,), seed=3, log=None)
     proto = onnx.load(str(path))
     onnx.checker.check_model(proto, full_check=True)
-    # exactly the first convolution of each residual block of the albedo trunk holds int8 weights
-    expected = {f"/model/albedo_residual_model/block{k}/res/res.2/Conv" for k in range(1, 6)}
+    # exactly the first convolution of the albedo trunk's first residual block holds int8 weights
+    expected = {"/model/albedo_residual_model/block1/res/res.2/Conv"}
     assert _quantized_convs(proto) == expected
     assert any(t.data_type == onnx.TensorProto.INT8 for t in proto.graph.initializer)
     assert len(output_convolutions(proto)) == 2  # normal and albedo heads of method 0, float

@@ -248,7 +248,8 @@ def test_local_engine_imports_no_ray(tmp_path):
     script = (
         "import sys\n"
         "from sfs_fast.cli.decompose import main\n"
-        f"code = main([{str(tmp_path / 'in')!r}, {str(tmp_path / 'out')!r}, '--faces', 'off', '--threads', '1'])\n"
+        f"code = main([{str(tmp_path / 'in')!r}, {str(tmp_path / 'out')!r}, '--faces', 'off', '--threads', '1',"
+        " '--precision', 'fp32'])\n"  # fp32: no auto check in the child process
         "loaded = sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.'))\n"
         "print(code, loaded)\n"
     )
