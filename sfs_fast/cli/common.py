@@ -3,6 +3,7 @@ that the model flags ask for."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -55,6 +56,32 @@ def checked_plan(args):
 def print_notes(notes, prog: str) -> None:
     for text in notes:
         print(f"{prog}: note: {text}", file=sys.stderr)
+
+
+def prepared_pictures(items, prepare, prog: str) -> tuple[list, int]:
+    """``prepare(item)`` for each input; the pictures that gave crops and the count that did
+    not (each reported on one stderr line). None readable is a :class:`CommandError`."""
+    good, failed = [], 0
+    for item in items:
+        picture = prepare(item)
+        if picture.crops:
+            good.append(picture)
+        else:
+            print(f"{prog}: failed {item.path}: {picture.error}", file=sys.stderr)
+            failed += 1
+    if not good:
+        raise CommandError("no picture could be read")
+    return good, failed
+
+
+def finish(summary: dict, as_json: bool, line: str, failed: int) -> int:
+    """Print a command's summary (one JSON line on stdout with ``--json``, else ``line`` on
+    stderr) and return its exit code: OK, or PARTIAL when ``failed`` inputs failed."""
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        print(line, file=sys.stderr)
+    return EXIT_OK if failed == 0 else EXIT_PARTIAL
 
 
 def make_decomposer(args, prog: str):

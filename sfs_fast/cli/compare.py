@@ -4,11 +4,10 @@ residue, shading and reconstruction."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from sfs_fast.cli.common import EXIT_OK, EXIT_PARTIAL, CommandError, add_debug_flag, run_command
+from sfs_fast.cli.common import CommandError, add_debug_flag, finish, prepared_pictures, run_command
 
 PROG = "sfs-compare"
 
@@ -86,17 +85,8 @@ def read_crops(args) -> tuple[list, int]:
         prepare = face_preparer(face_options)
     else:
         prepare = pipeline.prepare_picture
-    crops, failed = [], 0
-    for item in items:
-        picture = prepare(item, options)
-        if picture.crops:
-            crops += picture.crops
-        else:
-            print(f"{PROG}: failed {item.path}: {picture.error}", file=sys.stderr)
-            failed += 1
-    if not crops:
-        raise CommandError("no picture could be read")
-    return crops, failed
+    pictures, failed = prepared_pictures(items, lambda item: prepare(item, options), PROG)
+    return [crop for picture in pictures for crop in picture.crops], failed
 
 
 def method_row(crop, outputs: dict) -> list:
@@ -148,12 +138,8 @@ def compare(args) -> int:
         sheet = images.grid(sheet_rows, col_labels=COLUMNS, row_labels=labels)
         images.save_png(out_dir / f"{stem}_compare.png", sheet)
     summary = {"faces": len(crops), "failed": failed, "methods": methods, "plans": plans, "output": str(out_dir)}
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(f"{PROG}: {len(crops)} faces x {len(methods)} methods, {failed} pictures failed; "
-              f"figures in {out_dir}", file=sys.stderr)
-    return EXIT_OK if failed == 0 else EXIT_PARTIAL
+    return finish(summary, args.json, f"{PROG}: {len(crops)} faces x {len(methods)} methods, "
+                  f"{failed} pictures failed; figures in {out_dir}", failed)
 
 
 def main(argv=None) -> int:

@@ -4,11 +4,10 @@ A's own light to B's (or to a light file) in N steps, saved as a strip."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-from sfs_fast.cli.common import EXIT_OK, EXIT_PARTIAL, CommandError, add_debug_flag, make_decomposer, run_command
+from sfs_fast.cli.common import CommandError, add_debug_flag, finish, make_decomposer, prepared_pictures, run_command
 from sfs_fast.pipeline import Crop
 
 PROG = "sfs-interpolate"
@@ -98,18 +97,9 @@ def read_pictures(args) -> tuple[list, int]:
     if not items:
         raise CommandError(f"{args.input}: no pictures found")
     options = pipeline.FolderOptions(fit=args.fit)
-    good, failed = [], 0
     for item in items:
         item.mask = None  # the dumps are unmasked, as in the original interpolate.py
-        picture = pipeline.prepare_picture(item, options)
-        if picture.crops:
-            good.append(picture)
-        else:
-            print(f"{PROG}: failed {item.path}: {picture.error}", file=sys.stderr)
-            failed += 1
-    if not good:
-        raise CommandError("no picture could be read")
-    return good, failed
+    return prepared_pictures(items, lambda item: pipeline.prepare_picture(item, options), PROG)
 
 
 def dump_images(face, o: dict, residue_method: bool) -> dict:
@@ -187,12 +177,8 @@ def interpolate(args) -> int:
     summary = {"ok": len(pictures), "failed": failed, "method": dec.method, "backend": dec.backend,
                "precision": dec.precision, "plan_reason": dec.plan_reason, "strips": strips,
                "steps": args.steps, "output": str(out_dir)}
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        print(f"{PROG}: {len(pictures)} pictures dumped{' with strips' if strips else ''}, {failed} failed "
-              f"({dec.backend} {dec.precision}, {dec.plan_reason}); output in {out_dir}", file=sys.stderr)
-    return EXIT_OK if failed == 0 else EXIT_PARTIAL
+    return finish(summary, args.json, f"{PROG}: {len(pictures)} pictures dumped{' with strips' if strips else ''}, "
+                  f"{failed} failed ({dec.backend} {dec.precision}, {dec.plan_reason}); output in {out_dir}", failed)
 
 
 def main(argv=None) -> int:
