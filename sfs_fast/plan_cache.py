@@ -15,7 +15,9 @@ The key holds everything that changes the outcome:
   number of check images and timed calls;
 - ``hardware``: :func:`sfs_fast.precision.capabilities` of the device, the CPU model (or the
   GPU's name and compute capability), and the intra-op thread count (timings depend on it);
-- ``versions``: sfs_fast, torch, and ONNX Runtime when a candidate runs on it.
+- ``versions``: sfs_fast, torch, and ONNX Runtime when a candidate runs on it;
+- ``numerics``: what the low-precision candidates compute (:func:`numerics`), which can
+  change between two commits of one version.
 
 Location: ``$SFS_FAST_PLAN_CACHE`` when set (``off``, ``0`` or ``none`` turns the cache off:
 every run decides anew, nothing is written), else ``plans/`` under the package's cache
@@ -80,6 +82,29 @@ def runtime_versions(candidates) -> dict:
     return versions
 
 
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def numerics(model, candidates) -> dict:
+    """What the low-precision candidates compute, so that a new rule (another float island,
+    another int8 layer set) is decided anew rather than read from a decision made under the
+    old one, although the package version is the same: per bf16/fp16 candidate the hash of
+    this model's :func:`~sfs_fast.precision.float_islands`, for int8 the hash of the
+    quantizer's source (the file that chooses the quantized layers)."""
+    import importlib.util
+
+    from sfs_fast import precision
+
+    out = {}
+    for prec in sorted({p for _, p in candidates if p in ("bf16", "fp16")}):
+        out[prec] = _sha256(json.dumps(sorted(precision.float_islands(model, precision.TORCH_DTYPES[prec]))))
+    if any(p == "int8" for _, p in candidates):
+        spec = importlib.util.find_spec("sfs_fast.export.quantize")  # read, not imported (onnx stays unloaded)
+        out["int8"] = _sha256(Path(spec.origin).read_text()) if spec and spec.origin else None
+    return out
+
+
 def weights_fingerprint(model) -> dict:
     """The model's identity: class, method, config and the sha256 of its tensors."""
     from sfs_fast.weights import tensors_sha256
@@ -98,7 +123,8 @@ def decision_key(model, request, candidates) -> dict:
     return {"format": FORMAT_VERSION, "weights": weights_fingerprint(model), "request": request.to_dict(),
             "candidates": [list(c) for c in candidates], "budget": dict(precision.BUDGET),
             "check_images": precision.AUTO_CHECK_IMAGES, "timed_calls": precision.AUTO_TIMED_CALLS,
-            "hardware": hardware(request.device), "versions": runtime_versions(candidates)}
+            "hardware": hardware(request.device), "versions": runtime_versions(candidates),
+            "numerics": numerics(model, candidates)}
 
 
 def _canonical(key: dict) -> str:

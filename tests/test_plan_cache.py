@@ -123,6 +123,20 @@ def test_onnxruntime_version_is_in_the_key_only_where_it_runs_a_candidate(model)
     assert with_onnx["torch"] == torch.__version__
 
 
+def test_the_key_changes_with_the_low_precision_rules(model, monkeypatch):
+    """A new float island or another int8 quantizer is decided anew (same package version)."""
+    request, cands = resolve_plan(precision="auto"), [("fused", "bf16"), ("onnx", "int8"), ("fused", "fp32")]
+    before = plan_cache.decision_key(model, request, cands)
+    assert set(before["numerics"]) == {"bf16", "int8"} and before["numerics"]["int8"]
+    assert plan_cache.decision_key(model, request, TWO_FP32_PATHS)["numerics"] == {}
+    real = P.float_islands
+    monkeypatch.setattr(P, "float_islands", lambda m, dtype=torch.bfloat16: real(m, dtype)[1:])
+    after = plan_cache.decision_key(model, request, cands)
+    assert after["numerics"]["bf16"] != before["numerics"]["bf16"]
+    assert after["numerics"]["int8"] == before["numerics"]["int8"]
+    assert plan_cache.key_path(after) != plan_cache.key_path(before) or plan_cache.key_path(after) is None
+
+
 @pytest.mark.parametrize("damage", ["{not json", "", "[1, 2]", '{"key": {}, "decision": {"chosen": {}}}', b"\xff\xfe"])
 def test_a_corrupt_cache_file_is_decided_again_and_rewritten(model, cache, two_candidates, monkeypatch, damage):
     decisions = _fake_measure(monkeypatch)
