@@ -136,7 +136,7 @@ def key_path(key: dict) -> Path | None:
     folder = plans_dir()
     if folder is None:
         return None
-    return folder / f"{hashlib.sha256(_canonical(key).encode()).hexdigest()[:32]}.json"
+    return folder / f"{_sha256(_canonical(key))[:32]}.json"
 
 
 def read_decision(key: dict) -> dict | None:

@@ -87,8 +87,8 @@ REAL_AUTO_MODULES = {"test_precision", "test_plan", "test_plan_cache"}
 def _auto_is_fp32_outside_its_own_tests(request, monkeypatch):
     """Elsewhere ``auto`` (every command's default) chooses among fp32 paths only: on a CPU with
     bf16 and VNNI each first use would otherwise export, quantize and time three paths (30-90 s
-    per method and weights), which the command tests do not test. Their decisions go to a
-    cache folder of their own so the tests of auto never read one."""
+    per method and weights), which the command tests do not test. The plan cache's key holds
+    the candidates, so the tests of auto never read a decision made among these."""
     if request.module.__name__.rsplit(".", 1)[-1] in REAL_AUTO_MODULES:
         return
     from sfs_fast import precision
@@ -102,4 +102,3 @@ def _auto_is_fp32_outside_its_own_tests(request, monkeypatch):
         return [c for c in candidates if c[1] == "fp32"], ruled_out + skipped
 
     monkeypatch.setattr(precision, "auto_choices", fp32_only)
-    monkeypatch.setenv("SFS_FAST_PLAN_CACHE", os.path.join(_CACHE, "plans-fp32-only"))
