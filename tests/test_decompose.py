@@ -225,7 +225,7 @@ def test_killed_run_leaves_no_half_files(tmp_path, checkpoint):
         elif p.suffix == ".npy":
             np.load(p)
 
-    rerun = subprocess.run(cmd[:-2] + ["--json"], capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(cmd + ["--json"], capture_output=True, text=True, timeout=300)
     assert rerun.returncode == EXIT_OK, rerun.stderr
     summary = json.loads(rerun.stdout.strip().splitlines()[-1])
     assert summary["ok"] + summary["skipped"] == n and summary["failed"] == 0
