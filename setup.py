@@ -102,7 +102,8 @@ setup(
         # (the later install silently wins and the CUDA provider disappears).
         "gpu": ["onnx>=1.15", "onnxruntime-gpu>=1.17", "onnxslim>=0.1.30", "triton>=3.0"],
         "plot": ["matplotlib>=3.5"],
-        # sfs-bench e2e peer rows openvino / openvino-bf16 (Intel's runtime on the exported ONNX)
+        # --backend openvino (Intel's runtime on the exported ONNX; auto's fastest bf16 path on
+        # CPUs with AMX) and the OpenVINO peer rows of sfs-bench e2e
         "openvino": ["onnx>=1.15", "onnxruntime>=1.17", "onnxslim>=0.1.30", "openvino>=2024.0"],
         # face detection (YuNet through cv2.FaceDetectorYN) and alignment: sfs_fast.faces
         "faces": ["opencv-python-headless>=4.8"],
@@ -116,6 +117,7 @@ setup(
             "onnxslim>=0.1.30",
             "matplotlib>=3.5",
             "opencv-python-headless>=4.8",
+            "openvino>=2024.0",
             "triton>=3.0; platform_system == 'Linux' and platform_machine == 'x86_64'",
             "ray[data]>=2.9; platform_system == 'Linux' and platform_machine == 'x86_64'",
         ],

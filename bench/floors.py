@@ -18,6 +18,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from sfs_fast.bench.timing import time_calls
+from sfs_fast.export.runner import onnx_scope
 
 
 def count_flops(model: torch.nn.Module, size: int = 128, batch: int = 1) -> int:
@@ -229,15 +230,6 @@ def layer_flops(model: torch.nn.Module, size: int = 128) -> dict[str, int]:
         model.train(was_training)
     rest = int(counter.get_total_flops()) - sum(per.values())
     return {**{k: int(v) for k, v in per.items()}, **({"": rest} if rest else {})}
-
-
-def onnx_scope(module_name: str) -> str:
-    """The scope the TorchScript ONNX exporter gives a module's nodes (under the export
-    wrapper's ``model``): ``albedo_residual_model.block1.res.2`` ->
-    ``/model/albedo_residual_model/block1/res/res.2`` (a numbered child is named after its
-    container). Node names are that scope plus ``/Conv``, ``/Gemm``, ..."""
-    parts = module_name.split(".")
-    return "/model/" + "/".join(f"{parts[i - 1]}.{p}" if p.isdigit() and i else p for i, p in enumerate(parts))
 
 
 def _onnx_stub(model: torch.nn.Module):

@@ -9,7 +9,7 @@ onnxruntime and numpy; the exporter (torch, onnx, onnxslim) is imported on first
 """
 from sfs_fast.export.runner import OnnxRunner, read_onnx_metadata, select_providers
 
-_EXPORTER_NAMES = ("export_onnx", "export_session", "verify", "ExportResult", "ParityError", "DEFAULT_OPSET",
+_EXPORTER_NAMES = ("export_onnx", "export_session", "export_openvino_session", "verify", "ExportResult", "ParityError", "DEFAULT_OPSET",
                    "DEFAULT_ATOL", "MIN_OPSET", "MAX_OPSET", "ONNX_PRECISIONS")
 
 __all__ = ["OnnxRunner", "read_onnx_metadata", "select_providers", *_EXPORTER_NAMES]

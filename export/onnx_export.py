@@ -401,16 +401,36 @@ def export_session(model: SfSNetModel, path=None, *, device="cpu", threads=None,
     """Export ``model`` (verified, :func:`export_onnx`) and open it in an :class:`OnnxRunner`:
     the ``Decomposer``'s ``onnx`` backend for a model. With ``path=None`` the file goes to a
     temporary folder that is removed once the session holds the model."""
+    return _export_and_open(model, path, lambda f: OnnxRunner(f, device=device, threads=threads, providers=providers),
+                            export_options)
+
+
+def export_openvino_session(model: SfSNetModel, path=None, *, precision="fp32", threads=None):
+    """Export ``model`` to fp32 ONNX (verified) and compile it with OpenVINO at ``precision``:
+    the ``Decomposer``'s ``openvino`` backend. bf16 keeps the layers the PyTorch bf16 path
+    keeps in float32 (:func:`sfs_fast.precision.low_precision_modules`, cut by ONNX scope:
+    :class:`sfs_fast.export.openvino_runner.OpenVinoRunner`). ``path`` as in :func:`export_session`."""
+    from sfs_fast.export.openvino_runner import OpenVinoRunner, openvino_module
+    from sfs_fast.export.runner import onnx_scope
+    from sfs_fast.precision import low_precision_modules
+
+    openvino_module()  # the missing package in one line, before seconds of export
+    scopes = tuple(onnx_scope(name) + "/" for name in low_precision_modules(model))
+    return _export_and_open(model, path, lambda f: OpenVinoRunner(f, precision, threads=threads, bf16_scopes=scopes),
+                            {"precision": "fp32"})
+
+
+def _export_and_open(model, path, open_file, export_options):
     import shutil
 
     export_options.setdefault("verify_batches", (1, 2))
     if path is not None:
         export_onnx(model, path, log=None, **export_options)
-        return OnnxRunner(path, device=device, threads=threads, providers=providers)
+        return open_file(path)
     folder = tempfile.mkdtemp(prefix="sfs_fast_onnx_")
     try:
         target = os.path.join(folder, f"method{model.method}.onnx")
         export_onnx(model, target, log=None, sidecar=False, **export_options)
-        return OnnxRunner(target, device=device, threads=threads, providers=providers)
+        return open_file(target)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

@@ -67,6 +67,15 @@ def select_providers(device="cpu", providers=None):
     return chosen, wanted
 
 
+def onnx_scope(module_name: str) -> str:
+    """The scope the TorchScript ONNX exporter gives a module's nodes (under the export
+    wrapper's ``model``): ``albedo_residual_model.block1.res.2`` ->
+    ``/model/albedo_residual_model/block1/res/res.2`` (a numbered child is named after its
+    container). Node names are that scope plus ``/Conv``, ``/Gemm``, ..."""
+    parts = module_name.split(".")
+    return "/model/" + "/".join(f"{parts[i - 1]}.{p}" if p.isdigit() and i else p for i, p in enumerate(parts))
+
+
 def read_onnx_metadata(custom_map: dict) -> dict:
     """Decode the ``metadata_props`` written by :func:`sfs_fast.export.export_onnx`
     (JSON values decoded, plain strings kept)."""

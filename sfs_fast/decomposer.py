@@ -15,6 +15,9 @@ settings); the keyword settings (``backend=``, ``precision=``, ...) build one wi
   upsampling, channels-last, the fused shading op (``sfs_fast.optimize``; each switchable).
 - ``compile``: ``torch.compile`` of the fused model (the first call compiles).
 - ``onnx``: an ONNX Runtime session (``sfs_fast.export.OnnxRunner``) on an exported file.
+- ``openvino``: OpenVINO's CPU plugin on the exported fp32 file
+  (``sfs_fast.export.openvino_runner.OpenVinoRunner``; the ``openvino`` extra): fp32, or bf16
+  with the float32 islands of the PyTorch bf16 path (the graph cut into pieces by precision).
 
 Precisions (see :mod:`sfs_fast.precision`): ``fp32``; ``bf16`` (fused or compile: the
 encoder's convolutions in bf16, everything that decodes its features, the BatchNorm
@@ -124,9 +127,12 @@ class Decomposer:
         self.notes += [n for n in chosen.notes if n not in self.notes]
 
     def _open_file(self, path, plan: RunPlan, method) -> None:
-        from sfs_fast.export import OnnxRunner
+        if plan.backend == "openvino":
+            self.runner = _openvino_file_runner(path, plan)
+        else:
+            from sfs_fast.export import OnnxRunner
 
-        self.runner = OnnxRunner(path, device=plan.device, threads=plan.threads, providers=plan.providers)
+            self.runner = OnnxRunner(path, device=plan.device, threads=plan.threads, providers=plan.providers)
         self.method = self.runner.method
         if method is not None and method_id(method) != self.method:
             raise ValueError(f"onnx: {path} holds method {self.method}, not method {method_id(method)}")
@@ -134,7 +140,9 @@ class Decomposer:
         self.output_names = list(self.runner.output_names)
         meta = self.runner.metadata
         file_precision = meta.get("precision", "fp32")
-        if plan.precision is not None and plan.precision != file_precision:
+        if plan.backend == "openvino":  # an fp32 file (the runner checked) compiled at the plan's precision
+            file_precision = plan.precision or "fp32"
+        elif plan.precision is not None and plan.precision != file_precision:
             raise ValueError(f"precision: {path} is a {file_precision} export, not {plan.precision}")
         layers = (plan.int8_layers or meta.get("int8_layers", "budget")) if file_precision == "int8" else None
         self.plan = dataclasses.replace(plan, precision=file_precision, int8_layers=layers)
@@ -158,6 +166,11 @@ class Decomposer:
             self.runner = export_session(model, path=onnx, device=plan.device, threads=plan.threads,
                                          providers=plan.providers, precision=plan.precision,
                                          int8_layers=plan.int8_layers or "budget")
+            return None
+        if plan.backend == "openvino":
+            from sfs_fast.export import export_openvino_session
+
+            self.runner = export_openvino_session(model, path=onnx, precision=plan.precision, threads=plan.threads)
             return None
         fused = optimize_for_inference(model, **plan.fused_options())
         if plan.precision in ("bf16", "fp16"):
@@ -198,6 +211,21 @@ class Decomposer:
 
     def __repr__(self):
         return f"Decomposer(method={self.method}, plan={self.plan})"
+
+
+def _openvino_file_runner(path, plan: RunPlan):
+    """An exported fp32 file on OpenVINO; bf16 keeps in float32 what the PyTorch bf16 path
+    of the file's method keeps (the scopes are those of any model of the method)."""
+    from sfs_fast.export.openvino_runner import OpenVinoRunner, read_file
+
+    scopes = None
+    if plan.precision == "bf16":
+        from sfs_fast.export.runner import onnx_scope
+        from sfs_fast.precision import low_precision_modules
+
+        method = int(read_file(path)[1]["method"])
+        scopes = tuple(onnx_scope(n) + "/" for n in low_precision_modules(build_model(method)))
+    return OpenVinoRunner(path, plan.precision or "fp32", threads=plan.threads, bf16_scopes=scopes)
 
 
 def load_model(model=None, *, method=None, weights=None):
@@ -335,7 +363,10 @@ def describe_plan_choice(report: dict | None) -> str:
         if t.get("ms_per_image") is None:
             parts.append(f"{t['backend']}-{t['precision']} not taken: {'; '.join(t['failures'][:1])}")
     for r in report.get("ruled_out", []):
-        parts.append(f"{r['precision']} not supported here: {r['why']}")
+        line = (f"{r['backend']}-{r['precision']} not tried: {r['why']}" if r.get("by") == "package"
+                else f"{r['precision']} not supported here: {r['why']}")
+        if line not in parts:  # bf16 is ruled out once, whichever backends would run it
+            parts.append(line)
     return "; ".join(parts)
 
 

@@ -26,7 +26,7 @@ import torch
 from sfs_fast.kernels import BACKENDS as _KERNEL_BACKENDS
 from sfs_fast.optimize import FUSED_OPTIONS
 
-BACKENDS = ("eager", "fused", "compile", "onnx")
+BACKENDS = ("eager", "fused", "compile", "onnx", "openvino")
 PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 ONNX_PRECISIONS = ("fp32", "fp16", "int8")  # the precisions an exported .onnx file has
 AUTO = "auto"  # the precision that is chosen by measurement (see the module docstring)
@@ -34,6 +34,8 @@ SHADING_BACKENDS = ("auto", *_KERNEL_BACKENDS)
 INT8_LAYERS = ("budget", "all")  # which convolutions int8 quantizes (sfs_fast.export.quantize)
 DEVICES = ("cpu", "cuda")
 FUSED_BACKENDS = ("fused", "compile")  # the backends that run sfs_fast.optimize's rewrites
+FILE_BACKENDS = ("onnx", "openvino")  # the backends that run an exported .onnx file
+OPENVINO_PRECISIONS = ("fp32", "bf16")
 TENSORRT_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 
 # Images per call of the bf16/fp16 model on the CPU: four images' activations stay in cache
@@ -45,7 +47,7 @@ LOW_PRECISION_CPU_MICRO_BATCH = 4
 # budget; among those kept, auto takes the fastest as timed on the machine it runs on, so this
 # order (fastest first on the project's Xeons, bench/README.md) only orders the report.
 AUTO_ORDER = {
-    "cpu": (("fused", "bf16"), ("onnx", "int8"), ("fused", "fp32")),
+    "cpu": (("openvino", "bf16"), ("fused", "bf16"), ("openvino", "fp32"), ("onnx", "int8"), ("fused", "fp32")),
     "cuda": (("fused", "fp16"), ("fused", "bf16"), ("fused", "fp32")),
 }
 
@@ -56,16 +58,18 @@ class RunPlan:
 
     backend: ``eager`` (the model as built, reference shading), ``fused`` (the rewrites of
         :mod:`sfs_fast.optimize` and the fused shading op), ``compile`` (torch.compile of
-        fused) or ``onnx`` (ONNX Runtime).
+        fused), ``onnx`` (ONNX Runtime) or ``openvino`` (OpenVINO's CPU plugin on the
+        exported fp32 file; bf16: the residual trunks in bf16, the rest float32, as in the
+        PyTorch bf16 path).
     precision: ``fp32``, ``bf16``, ``fp16``, ``int8``; ``auto`` only in a request (see the
         module docstring); None only for an ``onnx`` file, meaning the file's own.
     device: ``cpu``, ``cuda`` or ``cuda:N``.
     shading_backend: the shading op's backend (``sfs_fast.kernels.BACKENDS`` or ``auto``);
-        ``reference`` for eager and onnx, whose graphs use the plain PyTorch op.
+        ``reference`` for eager, onnx and openvino, whose graphs use the plain PyTorch op.
     int8_layers: int8 only, :data:`INT8_LAYERS`; None otherwise.
     providers: onnx only, ONNX Runtime providers best first; None: those of the device.
     micro_batch: fused/compile only, images per model call (None: the whole batch).
-    threads: intra-op threads of torch and ONNX Runtime; None keeps the default.
+    threads: intra-op threads of torch, ONNX Runtime or OpenVINO; None keeps the default.
     optimizations: fused/compile only, ``(name, value)`` overrides of
         :data:`sfs_fast.optimize.FUSED_OPTIONS` other than the shading backend.
     """
@@ -131,11 +135,17 @@ def _check_device(device) -> str:
 
 def _check_pair(backend, precision, kind):
     """Refuse a (backend, precision) pair that does not exist on this device type."""
+    if backend == "openvino" and kind != "cpu":
+        raise ValueError("backend: openvino runs on OpenVINO's CPU plugin here; use --device cpu")
     if precision in ("fp32", AUTO, None):
         return
     if backend == "eager":
         raise ValueError(f"precision: the eager backend is the float32 baseline; run {precision} with "
                          "backend fused, compile or onnx")
+    if backend == "openvino":
+        if precision not in OPENVINO_PRECISIONS:
+            raise ValueError(f"precision: the openvino backend runs fp32 or bf16, not {precision}")
+        return
     if precision == "int8" and backend != "onnx":
         raise ValueError("precision: int8 runs through ONNX Runtime (static QDQ); use backend onnx")
     if precision == "int8" and kind == "cuda":
@@ -149,7 +159,8 @@ def _check_pair(backend, precision, kind):
 
 def _backend_and_precision(backend, precision, onnx_file):
     """Fill the defaults: precision fp32 (an onnx file's own when ``onnx_file``); backend
-    fused, or onnx for int8 and for a file; ``auto`` keeps a missing backend missing."""
+    fused, or onnx for int8 and for a file (which backend openvino also runs); ``auto``
+    keeps a missing backend missing."""
     if precision is not None and precision not in (*PRECISIONS, AUTO):
         raise ValueError(f"precision: unknown precision {precision!r}; choose from {', '.join((*PRECISIONS, AUTO))}")
     if precision is None and not onnx_file:
@@ -160,8 +171,8 @@ def _backend_and_precision(backend, precision, onnx_file):
         raise ValueError(f"backend: unknown backend {backend!r}; choose from {', '.join(BACKENDS)}")
     if onnx_file and precision == AUTO:
         raise ValueError("precision: auto needs a model or weights (an .onnx file has its own precision)")
-    if onnx_file and backend != "onnx":
-        raise ValueError(f"backend: an .onnx file runs with backend onnx, not {backend}")
+    if onnx_file and backend not in FILE_BACKENDS:
+        raise ValueError(f"backend: an .onnx file runs with backend onnx or openvino, not {backend}")
     return backend, precision
 
 
@@ -250,6 +261,8 @@ NAMED_PLANS = {
     "compile-bf16": {"backend": "compile", "precision": "bf16"},
     "fp16": {"backend": "fused", "precision": "fp16"},
     "tensorrt": {"backend": "onnx", "precision": "fp16", "device": "cuda", "providers": TENSORRT_PROVIDERS},
+    "openvino": {"backend": "openvino", "precision": "fp32"},
+    "openvino-bf16": {"backend": "openvino", "precision": "bf16"},
 }
 # ``sfs-bench train``: the training step with the reference shading against the fused op
 TRAIN_PLANS = {"reference": "eager", "fused": "fused"}
@@ -302,7 +315,8 @@ def add_plan_arguments(parser, *, flags=PLAN_FLAGS, onnx_precisions: bool = Fals
     if "backend" in flags:
         parser.add_argument("--backend", choices=BACKENDS, default=None,
                             help="inference backend (default: the one --precision auto chooses; fused with "
-                                 "an explicit precision, onnx with --onnx or int8)")
+                                 "an explicit precision, onnx with --onnx or int8); openvino needs the "
+                                 "openvino extra")
     if "device" in flags:
         parser.add_argument("--device", type=_device_argument, default="cpu", help="cpu or cuda (default: cpu)")
     if "precision" in flags and onnx_precisions:
@@ -334,5 +348,5 @@ def plan_from_args(args) -> RunPlan:
 
 
 __all__ = ["RunPlan", "resolve_plan", "named_plan", "plan_name", "add_plan_arguments", "plan_from_args", "PLAN_FLAGS",
-           "BACKENDS", "PRECISIONS", "ONNX_PRECISIONS", "AUTO", "SHADING_BACKENDS", "INT8_LAYERS", "AUTO_ORDER", "NAMED_PLANS",
+           "BACKENDS", "FILE_BACKENDS", "OPENVINO_PRECISIONS", "PRECISIONS", "ONNX_PRECISIONS", "AUTO", "SHADING_BACKENDS", "INT8_LAYERS", "AUTO_ORDER", "NAMED_PLANS",
            "TRAIN_PLANS", "LOW_PRECISION_CPU_MICRO_BATCH"]

@@ -72,14 +72,20 @@ def runtime_versions(candidates) -> dict:
     import sfs_fast
 
     versions = {"sfs_fast": sfs_fast.__version__, "torch": torch.__version__}
-    if any(backend == "onnx" for backend, _ in candidates):
-        try:
-            import onnxruntime
-
-            versions["onnxruntime"] = onnxruntime.__version__
-        except ImportError:
-            versions["onnxruntime"] = None
+    for backend, package in (("onnx", "onnxruntime"), ("openvino", "openvino")):
+        if any(b == backend for b, _ in candidates):
+            versions[package] = _package_version(package)
     return versions
+
+
+def _package_version(name: str) -> str | None:
+    """The installed version of ``name`` from its metadata (nothing imported), None if absent."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def _sha256(text: str) -> str:
@@ -91,7 +97,8 @@ def numerics(model, candidates) -> dict:
     another int8 layer set) is decided anew rather than read from a decision made under the
     old one, although the package version is the same: per bf16/fp16 candidate the hash of
     this model's :func:`~sfs_fast.precision.float_islands`, for int8 the hash of the
-    quantizer's source (the file that chooses the quantized layers)."""
+    quantizer's source (the file that chooses the quantized layers), for openvino the hash
+    of its runner's source (the file that cuts the graph into bf16 and float32 pieces)."""
     import importlib.util
 
     from sfs_fast import precision
@@ -99,9 +106,12 @@ def numerics(model, candidates) -> dict:
     out = {}
     for prec in sorted({p for _, p in candidates if p in ("bf16", "fp16")}):
         out[prec] = _sha256(json.dumps(sorted(precision.float_islands(model, precision.TORCH_DTYPES[prec]))))
-    if any(p == "int8" for _, p in candidates):
-        spec = importlib.util.find_spec("sfs_fast.export.quantize")  # read, not imported (onnx stays unloaded)
-        out["int8"] = _sha256(Path(spec.origin).read_text()) if spec and spec.origin else None
+    # the files that choose what runs in low precision: read, not imported (onnx stays unloaded)
+    for key, module, wanted in (("int8", "sfs_fast.export.quantize", lambda b, p: p == "int8"),
+                                ("openvino", "sfs_fast.export.openvino_runner", lambda b, p: b == "openvino")):
+        if any(wanted(b, p) for b, p in candidates):
+            spec = importlib.util.find_spec(module)
+            out[key] = _sha256(Path(spec.origin).read_text()) if spec and spec.origin else None
     return out
 
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from sfs_fast.plan import AUTO_ORDER  # (backend, precision) pairs; kernels has the shading-backend order
+from sfs_fast.plan import AUTO_ORDER, FUSED_BACKENDS  # (backend, precision) pairs; kernels has the shading-backend order
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -288,6 +288,21 @@ def float_islands(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> list
     return names
 
 
+def low_precision_modules(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> list[str]:
+    """The top-level modules of ``model`` whose every convolution and linear layer computes
+    in ``dtype`` under :func:`to_low_precision` (none of them a :func:`float_islands`), in
+    the model's order: for the SfSNet models under bf16, the residual trunks. The OpenVINO
+    bf16 path (``sfs_fast.export.openvino_runner``) compiles these in bf16 and the rest in
+    float32, so the two bf16 paths keep the same layers in float32."""
+    keep = set(float_islands(model, dtype))
+    state: dict[str, bool] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear, nn.ConvTranspose2d)):
+            top = name.split(".", 1)[0]
+            state[top] = state.get(top, True) and name not in keep
+    return [top for top, low in state.items() if low]
+
+
 def to_low_precision(model: nn.Module, dtype: torch.dtype, *, keep_float: bool = True) -> nn.Module:
     """A copy of ``model`` whose convolutions and linear layers compute in ``dtype`` (bf16
     or fp16), except the :func:`float_islands` when ``keep_float``.
@@ -333,8 +348,9 @@ def auto_choices(backend: str | None, device="cpu") -> tuple[list[tuple[str, str
     ``candidates``: the ``(backend, precision)`` pairs of :data:`sfs_fast.plan.AUTO_ORDER`
     that the hardware supports (:func:`capabilities`), restricted to ``backend`` when one is
     given (``compile`` takes the ``fused`` entries), fp32 last. ``ruled_out``: the pairs of
-    that order (for that backend) the machine cannot run fast, as
-    ``{"backend", "precision", "why"}``, so a report can say why a faster path was not tried."""
+    that order (for that backend) the machine cannot run fast (``by: "hardware"``) or lacks
+    the runtime for (``by: "package"``), as ``{"backend", "precision", "why", "by"}``, so a
+    report can say why a faster path was not tried."""
     kind = torch.device(device).type
     caps = capabilities(device)
     candidates, ruled_out = [], []
@@ -342,14 +358,18 @@ def auto_choices(backend: str | None, device="cpu") -> tuple[list[tuple[str, str
         if backend is not None:
             if backend == "eager":
                 break  # the eager baseline is float32 only
-            if (cand_backend == "onnx") != (backend == "onnx"):
+            if backend in FUSED_BACKENDS and cand_backend in FUSED_BACKENDS:
+                cand_backend = backend
+            elif cand_backend != backend:
                 continue
-            cand_backend = backend
         if prec != "fp32" and not caps.get(prec, False):
-            ruled_out.append({"backend": cand_backend, "precision": prec, "why": caps["why"].get(prec, "unsupported")})
+            ruled_out.append({"backend": cand_backend, "precision": prec, "why": caps["why"].get(prec, "unsupported"),
+                              "by": "hardware"})
             continue
-        if prec == "int8" and not _has_onnxruntime():
-            ruled_out.append({"backend": cand_backend, "precision": prec, "why": "onnxruntime is not installed"})
+        missing = _missing_packages(cand_backend, prec)
+        if missing:
+            ruled_out.append({"backend": cand_backend, "precision": prec, "why": f"{missing} is not installed",
+                              "by": "package"})
             continue
         candidates.append((cand_backend, prec))
     fallback = (backend or "fused", "fp32")
@@ -358,12 +378,18 @@ def auto_choices(backend: str | None, device="cpu") -> tuple[list[tuple[str, str
     return candidates, ruled_out
 
 
-def _has_onnxruntime() -> bool:
-    try:
-        import onnxruntime  # noqa: F401
-    except ImportError:
-        return False
-    return True
+# what a candidate needs beyond torch: ONNX Runtime for int8; OpenVINO, and onnx to export
+_RUNTIME_PACKAGES = {"onnx": ("onnxruntime", "onnx"), "openvino": ("openvino", "onnx")}
+
+
+def _missing_packages(backend: str, precision: str) -> str | None:
+    """The first package a candidate needs that is not installed (found, not imported)."""
+    import importlib.util
+
+    for name in _RUNTIME_PACKAGES.get(backend, ()):
+        if importlib.util.find_spec(name) is None:
+            return name
+    return None
 
 
 def auto_candidates(backend: str | None, device="cpu") -> list[tuple[str, str]]:

@@ -85,9 +85,9 @@ REAL_AUTO_MODULES = {"test_precision", "test_plan", "test_plan_cache"}
 
 @pytest.fixture(autouse=True)
 def _auto_is_fp32_outside_its_own_tests(request, monkeypatch):
-    """Elsewhere ``auto`` (every command's default) chooses among fp32 paths only: on a CPU with
-    bf16 and VNNI each first use would otherwise export, quantize and time three paths (30-90 s
-    per method and weights), which the command tests do not test. The plan cache's key holds
+    """Elsewhere ``auto`` (every command's default) runs its fp32 fallback without a check: on a
+    CPU with bf16 and VNNI each first use would otherwise export, quantize, compile and time
+    five paths (30-90 s per method and weights), which the command tests do not test. The plan cache's key holds
     the candidates, so the tests of auto never read a decision made among these."""
     if request.module.__name__.rsplit(".", 1)[-1] in REAL_AUTO_MODULES:
         return
@@ -97,8 +97,19 @@ def _auto_is_fp32_outside_its_own_tests(request, monkeypatch):
 
     def fp32_only(backend, device="cpu"):
         candidates, ruled_out = real(backend, device)
+        fallback = candidates[-1]  # fp32 on the asked backend (fused when none): chosen without a check
         skipped = [{"backend": b, "precision": p, "why": "not tried in tests outside the tests of auto"}
-                   for b, p in candidates if p != "fp32"]
-        return [c for c in candidates if c[1] == "fp32"], ruled_out + skipped
+                   for b, p in candidates[:-1]]
+        return [fallback], ruled_out + skipped
 
     monkeypatch.setattr(precision, "auto_choices", fp32_only)
+
+
+@pytest.fixture
+def without_openvino(monkeypatch):
+    """``auto`` acts as where the openvino extra is not installed (its candidates ruled out)."""
+    from sfs_fast import precision
+
+    real = precision._missing_packages
+    monkeypatch.setattr(precision, "_missing_packages",
+                        lambda backend, prec: "openvino" if backend == "openvino" else real(backend, prec))

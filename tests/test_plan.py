@@ -33,7 +33,7 @@ def test_the_tuples_come_from_one_place():
     from sfs_fast import kernels
 
     assert set(SHADING_BACKENDS) == {"auto", *kernels.BACKENDS}
-    assert BACKENDS == ("eager", "fused", "compile", "onnx") and "auto" not in PRECISIONS
+    assert BACKENDS == ("eager", "fused", "compile", "onnx", "openvino") and "auto" not in PRECISIONS
     for pairs in AUTO_ORDER.values():
         assert pairs[-1][1] == "fp32"  # every list ends with the reference precision
         for backend, precision in pairs:
@@ -128,7 +128,7 @@ def test_eager_reference_copies_and_leaves_the_model_alone():
         with_shading_backend(model, "warp")
 
 
-def test_auto_plan_returns_a_concrete_plan(monkeypatch):
+def test_auto_plan_returns_a_concrete_plan(monkeypatch, without_openvino):
     monkeypatch.setattr(P, "AUTO_CHECK_IMAGES", 2)
     torch.manual_seed(0)
     model = build_model(0).eval()

@@ -159,7 +159,7 @@ def test_cache_off_decides_every_time_and_writes_nothing(model, tmp_path, two_ca
     assert any("plan cache is off" in n for n in dec.notes)
 
 
-def test_one_candidate_runs_no_model_for_the_decision(model, cache, monkeypatch):
+def test_one_candidate_runs_no_model_for_the_decision(model, cache, monkeypatch, without_openvino):
     def must_not_run(*args, **kwargs):
         raise AssertionError("a model ran for a decision with one candidate")
 
@@ -169,7 +169,8 @@ def test_one_candidate_runs_no_model_for_the_decision(model, cache, monkeypatch)
     with P.forced_capabilities(bf16=False, int8=False):
         dec = Decomposer(model, precision="auto")
     assert (dec.backend, dec.precision) == ("fused", "fp32") and dec.auto_report["decided"] == "only candidate"
-    assert dec.plan_reason == "auto: only candidate; bf16 not supported here: forced; int8 not supported here: forced"
+    assert dec.plan_reason == ("auto: only candidate; bf16 not supported here: forced; "
+                               "openvino-fp32 not tried: openvino is not installed; int8 not supported here: forced")
     with P.forced_capabilities(bf16=True, int8=True):  # the eager baseline is fp32 only, whatever the CPU
         eager = Decomposer(model, backend="eager", precision="auto")
     assert eager.plan == resolve_plan(backend="eager") and eager.auto_report["ruled_out"] == []
@@ -204,14 +205,16 @@ def _one_face(tmp_path):
     return src
 
 
-def test_decompose_summary_and_manifest_say_which_path_and_why(tmp_path, cache, capsys, monkeypatch):
+def test_decompose_summary_and_manifest_say_which_path_and_why(tmp_path, cache, capsys, monkeypatch,
+                                                              without_openvino):
     from sfs_fast.cli import decompose
 
     monkeypatch.setenv("SFS_FAST_FORCE_CAPS", "bf16=0,int8=0")  # the same on any machine
     src = _one_face(tmp_path)
     assert decompose.main([str(src), str(tmp_path / "out"), "--method", "0", "--faces", "off"]) == 0
     summary = capsys.readouterr().err.strip().splitlines()[-1]
-    why = "auto: only candidate; bf16 not supported here: forced; int8 not supported here: forced"
+    why = ("auto: only candidate; bf16 not supported here: forced; "
+           "openvino-fp32 not tried: openvino is not installed; int8 not supported here: forced")
     assert f"(fused fp32, {why}); manifest" in summary
     [row] = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
     assert row["plan"] == {"backend": "fused", "precision": "fp32", "reason": why}

@@ -140,7 +140,7 @@ def test_resolve_rejects(precision, backend, words):
         Decomposer(torch.nn.Identity(), precision=precision, backend=backend)
 
 
-def test_auto_candidates_follow_capabilities():
+def test_auto_candidates_follow_capabilities(without_openvino):
     with P.forced_capabilities(bf16=False, int8=False):  # a CPU without AMX or VNNI
         assert P.auto_candidates(None, "cpu") == [("fused", "fp32")]
         assert P.auto_candidates("onnx", "cpu") == [("onnx", "fp32")]
@@ -148,6 +148,18 @@ def test_auto_candidates_follow_capabilities():
         assert P.auto_candidates(None, "cpu") == [("fused", "bf16"), ("onnx", "int8"), ("fused", "fp32")]
         assert P.auto_candidates("compile", "cpu") == [("compile", "bf16"), ("compile", "fp32")]
         assert P.auto_candidates("eager", "cpu") == [("eager", "fp32")]
+        assert [r["why"] for r in P.auto_choices(None, "cpu")[1]] == ["openvino is not installed"] * 2
+
+
+def test_auto_candidates_take_openvino_where_it_is_installed():
+    pytest.importorskip("openvino")
+    with P.forced_capabilities(bf16=True, int8=True):
+        assert P.auto_candidates(None, "cpu") == [("openvino", "bf16"), ("fused", "bf16"), ("openvino", "fp32"),
+                                                 ("onnx", "int8"), ("fused", "fp32")]
+        assert P.auto_candidates("openvino", "cpu") == [("openvino", "bf16"), ("openvino", "fp32")]
+        assert P.auto_candidates("fused", "cpu") == [("fused", "bf16"), ("fused", "fp32")]
+    with P.forced_capabilities(bf16=False, int8=False):
+        assert P.auto_candidates(None, "cpu") == [("openvino", "fp32"), ("fused", "fp32")]
 
 
 # ---------------------------------------------------------------------------------------
@@ -325,18 +337,18 @@ def _few_auto_images(monkeypatch):
     monkeypatch.setattr(P, "AUTO_CHECK_IMAGES", 2)
 
 
-def test_auto_without_amx_takes_fp32(models):
+def test_auto_without_amx_takes_fp32(models, without_openvino):
     with P.forced_capabilities(bf16=False, int8=False):
         dec = Decomposer(models[0], precision="auto")
     assert (dec.backend, dec.precision) == ("fused", "fp32")
     # the only candidate: taken without a check (tests/test_plan_cache.py runs none)
     assert dec.auto_report["decided"] == "only candidate" and dec.auto_report["tried"] == []
-    assert [r["precision"] for r in dec.auto_report["ruled_out"]] == ["bf16", "int8"]
+    assert [r["precision"] for r in dec.auto_report["ruled_out"]] == ["bf16", "bf16", "fp32", "int8"]
     out = dec.decompose(check_images(2))
     assert out["normal"].dtype == torch.float32
 
 
-def test_auto_never_takes_a_path_over_budget(models, monkeypatch):
+def test_auto_never_takes_a_path_over_budget(models, monkeypatch, without_openvino):
     """With a budget nothing below fp32 can meet, auto tries bf16, rejects it, takes fp32;
     with a loose one it takes bf16."""
     with P.forced_capabilities(bf16=True, int8=False):
@@ -365,7 +377,9 @@ def _demo(method):
     return weights.load(path).eval()
 
 
-@pytest.mark.parametrize("method", [0, 3])
+# method 3's candidates are each checked on its demo weights (bf16 and int8 here, openvino bf16
+# in test_openvino.py); its whole decision (five candidates, about 70 s) runs with -m slow
+@pytest.mark.parametrize("method", [0, pytest.param(3, marks=pytest.mark.slow)])
 def test_auto_on_demo_weights_meets_budget(method, monkeypatch, few_calibration_images):
     """Whatever auto picks on the demo weights meets the budget on its check images (the
     Decomposer really runs the path it checked)."""
