@@ -14,9 +14,12 @@ Paths are the named plans of :data:`sfs_fast.plan.NAMED_PLANS`:
   (``sfs_fast.precision.to_low_precision``), eager or compiled.
 - ``tensorrt``: the fp16 file on ONNX Runtime's TensorRT provider.
 
-Peers (:mod:`sfs_fast.bench.peers`, bench-only runners, not Decomposer paths): ``openvino`` and
-``openvino-bf16``, OpenVINO's CPU plugin on the same exported fp32 file, with what OpenVINO
-reports it ran at.
+- ``openvino``, ``openvino-bf16``: the Decomposer's ``openvino`` backend, OpenVINO's CPU
+  plugin on the exported fp32 file, fp32 or bf16 with the PyTorch bf16 path's float32
+  islands, with what OpenVINO reports it ran at.
+
+Peers (:mod:`sfs_fast.bench.peers`, bench-only runners, not Decomposer paths):
+``openvino-bf16-all``, the whole graph under OpenVINO's bf16 hint (over the budget).
 
 Floors per precision: each row's floor splits the model's FLOPs by the precision each layer
 computes in on that path (:func:`sfs_fast.bench.floors.path_layer_precisions`; a peer: the
@@ -28,6 +31,7 @@ with ``status: "skipped"`` and the reason; one that breaks is listed as ``failed
 """
 from __future__ import annotations
 
+import importlib.util
 import time
 from dataclasses import dataclass, field
 
@@ -45,7 +49,8 @@ from sfs_fast.bench.peers import PEER_PATHS, PeerUnavailable, make_peer, module_
 from sfs_fast.bench.timing import time_calls
 
 PATHS = tuple(NAMED_PLANS) + tuple(PEER_PATHS)
-DEFAULT_PATHS = ("eager", "fused", "compile", "onnx", "onnx-int8", "bf16", "openvino", "openvino-bf16")
+DEFAULT_PATHS = ("eager", "fused", "compile", "onnx", "onnx-int8", "bf16", "openvino", "openvino-bf16",
+                 "openvino-bf16-all")
 INPUT_SIZE = 128
 ROTATED_INPUTS = 3
 
@@ -100,7 +105,9 @@ def path_plan(path: str, *, device: str, threads: int | None, fused_options: dic
         missing = [p for p in plan.providers or () if p not in onnxruntime.get_available_providers()]
         if missing:
             raise PathUnavailable(f"onnxruntime has no {missing[0]} here")
-    elif plan.precision != "fp32":
+    if plan.backend == "openvino" and importlib.util.find_spec("openvino") is None:
+        raise PathUnavailable("openvino is not installed (pip install 'sfs_fast[openvino]')")
+    if plan.backend != "onnx" and plan.precision != "fp32":
         caps = capabilities(plan.device)
         if not caps[plan.precision]:
             raise PathUnavailable(f"no {plan.precision} hardware on this {device} ({caps['why'][plan.precision]})")
@@ -310,8 +317,8 @@ def _bench_row(run: _Run, path: str, batch: int) -> dict:
     row.update(status="ok", reason=None, ms=stats, ms_per_image=stats["median"] / batch, setup_s=setup_s,
                first_call_s=first_call_s, diff=diff, budget=budget,
                ratio_to_floor=stats["median"] / row["floor_ms"] if row["floor_ms"] else None)
-    if getattr(dec, "executed", None):  # a peer: what it ran at, as it reports it
-        row["executed"] = {k: v for k, v in dec.executed.items() if k != "layer_precisions"}
+    if _executed(dec):  # OpenVINO: what it ran at, as it reports it
+        row["executed"] = {k: v for k, v in _executed(dec).items() if k != "layer_precisions"}
     run.log(f"  m{m} b{batch} {path:10s} {stats['median']:9.1f} ms  ({stats['median'] / batch:7.1f} ms/img)"
             + (f"  x{row['ratio_to_floor']:.2f} floor" if row["ratio_to_floor"] else "")
             + f"  max|diff| {diff['max_abs']:.2e} ({100 * diff['max_rel_range']:.3f}% of range, {diff['worst_output']})"
@@ -322,12 +329,17 @@ def _bench_row(run: _Run, path: str, batch: int) -> dict:
 def _row_floor(run: _Run, path: str, dec, batch: int) -> dict:
     """The row's floor at its own precisions: ``floor_ms`` (None when a rate it needs is
     missing) and ``floor_mix`` (FLOPs per image by precision)."""
-    if path in PEER_PATHS:  # what the compiled model ran, not what was asked
-        precisions = module_precisions(dec.executed, run.per_layer)
+    if _executed(dec):  # what the compiled model ran, not what was asked
+        precisions = module_precisions(_executed(dec), run.per_layer)
     else:
         precisions = path_layer_precisions(dec.plan, run.model)
     mix = precision_mix(run.per_layer, precisions)
     return {"floor_ms": mixed_floor_ms(mix, batch, run.gflops()), "floor_mix": mix}
+
+
+def _executed(dec) -> dict | None:
+    """What an OpenVINO path (a peer or the Decomposer's openvino backend) reports it ran."""
+    return getattr(getattr(dec, "runner", None), "executed", None)
 
 
 def _reason(exc: BaseException) -> str:

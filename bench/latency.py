@@ -31,7 +31,7 @@ from sfs_fast.bench.env import peak_rss_mib
 
 PROG = "sfs-bench latency"
 PARTS = ("curve", "first-output", "rss")
-DEFAULT_PATHS = ("eager", "fused", "onnx", "onnx-int8", "bf16", "openvino")
+DEFAULT_PATHS = ("eager", "fused", "onnx", "onnx-int8", "bf16", "openvino", "openvino-bf16")
 DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32)
 
 
@@ -85,13 +85,15 @@ def _child_open(path: str, method: int, threads, files: dict, weights):
     """The runner of ``path`` in the measuring child: an exported file for the ONNX and
     OpenVINO paths (as a deployment opens it), the model's weights for the PyTorch ones."""
     from sfs_fast.bench.e2e import load_bench_model, make_decomposer, path_plan
-    from sfs_fast.bench.peers import PEER_PATHS, OpenVinoRunner
+    from sfs_fast.bench.peers import PEER_PATHS, Peer
     from sfs_fast.decomposer import Decomposer
+    from sfs_fast.export.openvino_runner import OpenVinoRunner
+    from sfs_fast.plan import FILE_BACKENDS
 
     if path in PEER_PATHS:
-        return OpenVinoRunner(files[path], PEER_PATHS[path], threads=threads)
+        return Peer(OpenVinoRunner(files[path], PEER_PATHS[path], threads=threads))
     plan = path_plan(path, device="cpu", threads=threads)
-    if plan.backend == "onnx":
+    if plan.backend in FILE_BACKENDS:
         return Decomposer(onnx=files[path], method=method, plan=plan)
     model, _ = load_bench_model(method, weights)
     return make_decomposer(path, model, device="cpu", threads=threads)
@@ -125,8 +127,10 @@ def _export_files(paths, method: int, weights, folder: Path) -> dict:
 
     files, model = {}, None
     for path in paths:
-        try:  # a peer runs the onnx path's fp32 file
+        try:  # a peer and the openvino paths run the onnx path's fp32 file
             plan = named_plan("onnx") if path in PEER_PATHS else path_plan(path, device="cpu", threads=None)
+            if plan.backend == "openvino":
+                plan = named_plan("onnx")
             if plan.backend != "onnx":
                 continue
             target = folder / f"method{method}_{plan.precision}_{plan.int8_layers or 'float'}.onnx"
