@@ -1,6 +1,6 @@
 """``sfs-bench folder-speed``: is the folder run as fast as the model alone?
 
-    sfs-bench folder-speed [--pictures 64] [--paths eager,fused,bf16,onnx] [--method 0]
+    sfs-bench folder-speed [--pictures 64] [--paths eager,fused,bf16,onnx,openvino-bf16] [--method 0]
                            [--batch-size 16] [--threads T] [--json OUT]
 
 Per path, one Decomposer (the path's named plan, the method's default weights) runs the same
@@ -22,7 +22,7 @@ from pathlib import Path
 from sfs_fast.cli.common import CommandError, add_debug_flag, run_command
 
 PROG = "sfs-bench folder-speed"
-DEFAULT_PATHS = ("eager", "fused", "bf16", "onnx")
+DEFAULT_PATHS = ("eager", "fused", "bf16", "onnx", "openvino-bf16")
 
 
 def make_faces(folder: Path, n: int) -> None:

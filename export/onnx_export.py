@@ -421,12 +421,29 @@ def export_openvino_session(model: SfSNetModel, path=None, *, precision="fp32", 
 
 
 def _export_and_open(model, path, open_file, export_options):
+    """``open_file`` of ``model`` exported with ``export_options``: at ``path``; else the
+    file of the export cache (:mod:`sfs_fast.export.export_cache`), once more after a
+    cached file that does not open; else in a temporary folder, removed once it is open."""
     import shutil
+
+    from sfs_fast.export import export_cache
 
     export_options.setdefault("verify_batches", (1, 2))
     if path is not None:
         export_onnx(model, path, log=None, **export_options)
         return open_file(path)
+    for _ in range(2):
+        cached, fresh = export_cache.cached_export(
+            model, export_options, lambda target: export_onnx(model, target, log=None, sidecar=False,
+                                                              **export_options))
+        if cached is None:
+            break
+        try:
+            return open_file(cached)
+        except (RuntimeError, ValueError, OSError):
+            export_cache.forget(cached)
+            if fresh:  # the file just exported does not open: exporting again will not help
+                raise
     folder = tempfile.mkdtemp(prefix="sfs_fast_onnx_")
     try:
         target = os.path.join(folder, f"method{model.method}.onnx")

@@ -10,6 +10,9 @@ os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(_CACHE, "triton"))
 # Precision auto's decisions (sfs_fast.plan_cache): one folder per session, never the user's,
 # so no test reads a decision another run made on other weights, software or hardware.
 os.environ["SFS_FAST_PLAN_CACHE"] = os.path.join(_CACHE, "plans")
+# The export cache (sfs_fast.export.export_cache) is off, so every test that exports does;
+# tests/test_export_cache.py turns it on in a folder of its own.
+os.environ["SFS_FAST_EXPORT_CACHE"] = "off"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
