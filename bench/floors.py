@@ -255,11 +255,13 @@ def path_layer_precisions(plan, model: torch.nn.Module) -> dict[str, str]:
     but :func:`~sfs_fast.export.quantize.output_convolutions`."""
     from sfs_fast.precision import TORCH_DTYPES, float_islands
 
+    merged = _merged_trunk_layers(plan, model)
     if plan.precision in (None, "fp32"):
-        return {}
+        return merged
     if plan.backend != "onnx":
         keep = set(float_islands(model, TORCH_DTYPES[plan.precision]))
-        return {n: plan.precision for n, m in model.named_modules() if isinstance(m, LAYER_TYPES) and n not in keep}
+        return {**{n: plan.precision for n, m in model.named_modules() if isinstance(m, LAYER_TYPES) and n not in keep},
+                **merged}
     from sfs_fast.export.quantize import output_convolutions, quantized_convolutions
 
     stub, names = _onnx_stub(model)
@@ -267,6 +269,19 @@ def path_layer_precisions(plan, model: torch.nn.Module) -> dict[str, str]:
         return {names[n]: "int8" for n in quantized_convolutions(stub, plan.int8_layers or "budget")}
     keep = set(output_convolutions(stub))
     return {m: plan.precision for n, m in names.items() if n not in keep}
+
+
+def _merged_trunk_layers(plan, model) -> dict[str, str]:
+    """``{layer: "merged"}`` for the layers of a trunk the fused path does not compute
+    (:func:`sfs_fast.optimize.share_equal_trunks`)."""
+    from sfs_fast.models import ALBEDO_FEATURES
+    from sfs_fast.optimize import FUSED_OPTIONS, equal_trunks
+
+    if plan.backend not in ("fused", "compile") or not {**FUSED_OPTIONS, **dict(plan.optimizations)}["share_equal_trunks"]:
+        return {}
+    skipped = [ALBEDO_FEATURES[key] + "." for key in equal_trunks(model)]
+    return {n: "merged" for n, m in model.named_modules()
+            if isinstance(m, LAYER_TYPES) and any(n.startswith(prefix) for prefix in skipped)}
 
 
 def precision_mix(flops_by_layer: dict[str, int], precisions: dict[str, str]) -> dict[str, int]:
@@ -281,7 +296,10 @@ def precision_mix(flops_by_layer: dict[str, int], precisions: dict[str, str]) ->
 
 def mixed_floor_ms(mix: dict[str, int], batch: int, gflops: dict[str, float]) -> float | None:
     """Milliseconds a batch needs when each precision's FLOPs in ``mix`` run at that
-    precision's rate in ``gflops`` (GFLOP/s); None when a rate is missing."""
+    precision's rate in ``gflops`` (GFLOP/s); None when a rate is missing. ``merged`` FLOPs
+    (:func:`sfs_fast.bench.peers.module_precisions`: layers the runtime does not compute)
+    take no time."""
+    mix = {prec: flops for prec, flops in mix.items() if prec != "merged"}
     if any(flops and not gflops.get(prec) for prec, flops in mix.items()):
         return None
     return sum(compute_floor_ms(flops, batch, gflops[prec]) for prec, flops in mix.items() if flops)

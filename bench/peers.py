@@ -19,6 +19,7 @@ import torch
 from sfs_fast.export.openvino_runner import EXTRA_HINT, OpenVinoRunner
 
 PEER_PATHS = {"openvino-bf16-all": "bf16"}  # path -> precision asked of OpenVINO for the whole graph
+MERGED = "merged"  # the precision of a module the compiled model computes with no layer of its own
 
 
 class PeerUnavailable(Exception):
@@ -46,16 +47,25 @@ class Peer:
 def module_precisions(executed: dict, module_names) -> dict[str, str]:
     """The runtime precision of each module of ``module_names`` whose node the compiled model
     reports (:func:`sfs_fast.export.runner.onnx_scope` + ``/``, longest match), for the ones
-    that did not run in fp32: the per-layer split that the row's floor uses."""
+    that did not run in fp32: the per-layer split that the row's floor uses.
+
+    A module with no reported node is ``merged``: computed by no layer of its own, because
+    onnxslim or OpenVINO merged it with an identical layer on the same input (on the bundled
+    method-3 weights ``albedo_residual_model_2`` equals ``albedo_residual_model``, 24% of the
+    FLOPs) or fused it into another layer (the light estimator's fully connected layer, whose
+    node takes the output's name ``light``: a few kFLOPs); the floor leaves it out."""
     from sfs_fast.export.runner import onnx_scope
 
     scopes = sorted(((onnx_scope(m) + "/", m) for m in module_names), key=lambda s: -len(s[0]))
-    out = {}
-    for node, prec in (executed or {}).get("layer_precisions", {}).items():
+    reported = (executed or {}).get("layer_precisions", {})
+    if not reported:
+        return {}
+    out = {m: MERGED for m in module_names}
+    for node, prec in reported.items():
         module = next((m for scope, m in scopes if node.startswith(scope)), None)
-        if module is not None and prec != "fp32":
+        if module is not None:
             out[module] = prec
-    return out
+    return {m: p for m, p in out.items() if p != "fp32"}
 
 
 def make_peer(path: str, model, *, device: str = "cpu", threads: int | None = None) -> Peer:

@@ -506,8 +506,12 @@ class SfSNetModel(nn.Module):
         """Trunk features, each ``[B,128,64,64]``: ``F``, ``Fn``, ``Fa`` and/or ``Fa2``."""
         feats = {"F": self.conv_model(x)}
         feats["Fn"] = self.normal_residual_model(feats["F"])
+        # set by sfs_fast.optimize.share_equal_trunks: a trunk equal to another on the same input
+        aliases = getattr(self, "trunk_aliases", None) or {}
         for key, name in ALBEDO_FEATURES.items():
-            if name in self._modules:
+            if key in aliases:
+                feats[key] = feats[aliases[key]]
+            elif name in self._modules:
                 feats[key] = self._modules[name](feats["F"])
         return feats
 

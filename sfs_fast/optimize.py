@@ -102,6 +102,7 @@ FUSED_OPTIONS = {
     "conv_before_upsample": True,  # 1x1 conv + BN of the heads at 64x64, then upsample
     "channels_last": True,  # NHWC weights and activations (oneDNN's fast layout)
     "shading_backend": "auto",  # the fused shading op ("reference" = the plain PyTorch one)
+    "share_equal_trunks": True,  # a second albedo trunk equal to the first: computed once
 }
 
 
@@ -114,6 +115,8 @@ def optimize_for_inference(model: nn.Module, **options) -> nn.Module:
     opts = {**FUSED_OPTIONS, **options}
     # one deep copy, then each rewrite in place on it (not one copy per rewrite)
     out = copy.deepcopy(model).eval()
+    if opts["share_equal_trunks"]:
+        out = share_equal_trunks(out)
     if opts["fold_bn"]:
         out = fold_batchnorm(out, copy_model=False)
     if opts["conv_before_upsample"]:
@@ -121,6 +124,29 @@ def optimize_for_inference(model: nn.Module, **options) -> nn.Module:
     if opts["channels_last"]:
         out = to_channels_last(out)
     return with_shading_backend(out, opts["shading_backend"], copy_model=False)
+
+
+def equal_trunks(model: nn.Module) -> dict[str, str]:
+    """``{"Fa2": "Fa"}`` when ``albedo_residual_model_2`` holds the same class and tensors as
+    ``albedo_residual_model`` (a frozen copy: the bundled method-3 weights have one), else
+    ``{}``. Both take the same input (``F``), so they give the same features."""
+    first = getattr(model, "_modules", {}).get("albedo_residual_model")
+    second = getattr(model, "_modules", {}).get("albedo_residual_model_2")
+    if first is None or second is None or type(first) is not type(second):
+        return {}
+    a, b = first.state_dict(), second.state_dict()
+    same = a.keys() == b.keys() and all(a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
+    return {"Fa2": "Fa"} if same else {}
+
+
+def share_equal_trunks(model: nn.Module) -> nn.Module:
+    """``model`` (in place) computing a trunk equal to another once (:func:`equal_trunks`):
+    24% of method 3's FLOPs on the bundled weights. ONNX Runtime and OpenVINO merge such
+    twins in the exported graph themselves; PyTorch does not."""
+    aliases = equal_trunks(model)
+    if aliases:
+        model.trunk_aliases = aliases
+    return model
 
 
 def with_shading_backend(model: nn.Module, backend: str, *, copy_model: bool = True) -> nn.Module:

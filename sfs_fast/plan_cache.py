@@ -12,7 +12,8 @@ The key holds everything that changes the outcome:
   records, and it also covers a model built or changed in Python without a file);
 - ``request``: the :class:`~sfs_fast.plan.RunPlan` with precision auto (backend, device,
   shading backend, threads, options), the candidates it allows, the accuracy budget and the
-  number of check images and timed calls;
+  number of check images and timed calls, and the fused path's rewrites
+  (:data:`sfs_fast.optimize.FUSED_OPTIONS`: a new one changes what the fused candidates cost);
 - ``hardware``: :func:`sfs_fast.precision.capabilities` of the device, the CPU model (or the
   GPU's name and compute capability), and the intra-op thread count (timings depend on it);
 - ``versions``: sfs_fast, torch, and ONNX Runtime when a candidate runs on it;
@@ -38,6 +39,7 @@ import torch
 
 from sfs_fast.atomic import atomic_write
 from sfs_fast.download import cache_dir
+from sfs_fast.optimize import FUSED_OPTIONS
 
 CACHE_ENV = "SFS_FAST_PLAN_CACHE"
 OFF_VALUES = ("off", "0", "none", "false", "no")
@@ -133,7 +135,8 @@ def decision_key(model, request, candidates) -> dict:
     return {"format": FORMAT_VERSION, "weights": weights_fingerprint(model), "request": request.to_dict(),
             "candidates": [list(c) for c in candidates], "budget": dict(precision.BUDGET),
             "check_images": precision.AUTO_CHECK_IMAGES, "timed_calls": precision.AUTO_TIMED_CALLS,
-            "hardware": hardware(request.device), "versions": runtime_versions(candidates),
+            "fused_options": dict(FUSED_OPTIONS), "hardware": hardware(request.device),
+            "versions": runtime_versions(candidates),
             "numerics": numerics(model, candidates)}
 
 

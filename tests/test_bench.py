@@ -230,6 +230,22 @@ def test_rate_measurements_run_the_asked_runs():
     assert gemm["ms"]["runs"] == 2 and gemm["gflops_best"] >= gemm["gflops_median"]
 
 
+def test_a_runtime_floor_counts_what_ran_at_its_precision_and_skips_merged_layers():
+    from sfs_fast.bench.floors import mixed_floor_ms, precision_mix
+    from sfs_fast.bench.peers import module_precisions
+
+    flops = {"trunk.0": 4e9, "twin.0": 4e9, "head": 2e9}  # twin: merged with trunk by the runtime
+    executed = {"layer_precisions": {"/model/trunk/trunk.0/Conv/WithoutBiases": "bf16",
+                                     "/model/head/Conv/WithoutBiases": "fp32"}}
+    precisions = module_precisions(executed, flops)
+    assert precisions == {"trunk.0": "bf16", "twin.0": "merged"}
+    mix = precision_mix(flops, precisions)
+    assert mix == {"bf16": 4e9, "merged": 4e9, "fp32": 2e9}
+    # 4 GFLOP at 400 GFLOP/s and 2 at 100, per image, 2 images: 20 + 40 ms
+    assert mixed_floor_ms(mix, 2, {"bf16": 400.0, "fp32": 100.0}) == pytest.approx(60.0)
+    assert module_precisions({}, flops) == {}  # nothing reported: nothing known, all fp32
+
+
 def test_summary_statistics():
     s = summarize([0.004, 0.001, 0.003, 0.002, 0.005])
     assert s["median"] == pytest.approx(3.0) and s["min"] == pytest.approx(1.0)
@@ -269,6 +285,31 @@ def test_conv_before_upsample_is_exact(make):
         got = ConvBeforeUpsample(head)(x)
     assert got.shape == expected.shape
     assert torch.allclose(got, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_an_equal_second_trunk_is_computed_once_and_changes_nothing():
+    from sfs_fast.bench.floors import path_layer_precisions
+    from sfs_fast.optimize import equal_trunks
+    from sfs_fast.plan import resolve_plan
+
+    gen = torch.Generator().manual_seed(6)
+    model = _randomize_batchnorm(build_model(3).double(), gen)
+    assert equal_trunks(model) == {}  # trained apart: both computed
+    model.albedo_residual_model_2.load_state_dict(model.albedo_residual_model.state_dict())
+    assert equal_trunks(model) == {"Fa2": "Fa"}
+    fused = optimize_for_inference(model)
+    calls = []
+    fused.albedo_residual_model_2.register_forward_hook(lambda *a: calls.append(1))
+    x = torch.rand(2, 3, 32, 32, generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        expected, got = model(x), fused(x)
+    assert calls == []
+    for name in expected:
+        assert float((got[name] - expected[name]).abs().max()) <= 1e-9 * max(float(expected[name].abs().max()), 1.0)
+    # the floor leaves the merged trunk out of the fused path, not out of eager
+    merged = path_layer_precisions(resolve_plan(backend="fused"), model)
+    assert merged and all(n.startswith("albedo_residual_model_2.") and p == "merged" for n, p in merged.items())
+    assert path_layer_precisions(resolve_plan(backend="eager"), model) == {}
 
 
 @pytest.mark.parametrize("off", [None] + list(FUSED_OPTIONS))
