@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paths", type=_names, default=None, metavar="P[,P..]", help="paths to run (default: all but onnx-fp16)")
     p.add_argument("--fused-off", type=_names, default=[], metavar="OPT[,OPT..]",
                    help="switch off rewrites of the fused path: fold_bn, conv_before_upsample, channels_last, "
-                        "shading_backend (reference shading)")
+                        "shading_backend (reference shading), share_equal_trunks")
     p.add_argument("--weights", default=None, help="checkpoint or registered name (sfs-weights list) to benchmark (default: the "
                                                    "method's default weights, "
                                                    "else random weights with calibrated BatchNorm)")
