@@ -31,7 +31,6 @@ with ``status: "skipped"`` and the reason; one that breaks is listed as ``failed
 """
 from __future__ import annotations
 
-import importlib.util
 import time
 from dataclasses import dataclass, field
 
@@ -89,7 +88,7 @@ def path_plan(path: str, *, device: str, threads: int | None, fused_options: dic
     """The :class:`~sfs_fast.plan.RunPlan` of ``path`` on this run's device and threads;
     :class:`PathUnavailable` when the plan cannot exist or its hardware or package is not
     here."""
-    from sfs_fast.precision import capabilities
+    from sfs_fast.precision import capabilities, missing_package
 
     if path not in NAMED_PLANS:
         raise ValueError(f"paths: unknown path {path!r}; choose from {', '.join(PATHS)}")  # peers: make_peer
@@ -97,16 +96,15 @@ def path_plan(path: str, *, device: str, threads: int | None, fused_options: dic
         plan = named_plan(path, device=device, threads=threads, optimizations=fused_options)
     except ValueError as exc:  # e.g. PyTorch fp16 on the CPU
         raise PathUnavailable(str(exc).removeprefix("precision: ")) from exc
+    package = missing_package(plan.backend)
+    if package:
+        raise PathUnavailable(f"{package} is not installed (pip install 'sfs_fast[{plan.backend}]')")
     if plan.backend == "onnx":
-        try:
-            import onnxruntime
-        except ModuleNotFoundError as exc:
-            raise PathUnavailable(f"onnxruntime is not installed ({exc})") from exc
+        import onnxruntime
+
         missing = [p for p in plan.providers or () if p not in onnxruntime.get_available_providers()]
         if missing:
             raise PathUnavailable(f"onnxruntime has no {missing[0]} here")
-    if plan.backend == "openvino" and importlib.util.find_spec("openvino") is None:
-        raise PathUnavailable("openvino is not installed (pip install 'sfs_fast[openvino]')")
     if plan.backend != "onnx" and plan.precision != "fp32":
         caps = capabilities(plan.device)
         if not caps[plan.precision]:

@@ -72,16 +72,18 @@ def make_peer(path: str, model, *, device: str = "cpu", threads: int | None = No
     """The runner of peer ``path`` (:data:`PEER_PATHS`) on ``model`` exported to fp32 ONNX the
     way the ``onnx`` path exports it; :class:`PeerUnavailable` with the reason where it cannot
     run here."""
-    import importlib.util
     import shutil
     import tempfile
+
+    from sfs_fast.precision import missing_package
 
     if path not in PEER_PATHS:
         raise ValueError(f"paths: unknown peer {path!r}; choose from {', '.join(PEER_PATHS)}")
     if torch.device(device).type != "cpu":
         raise PeerUnavailable("the OpenVINO rows run on the CPU plugin (--device cpu)")
-    if importlib.util.find_spec("openvino") is None:  # the reason to skip, before seconds of export
-        raise PeerUnavailable(f"openvino is not installed ({EXTRA_HINT})")
+    package = missing_package("openvino")
+    if package:  # the reason to skip, before seconds of export
+        raise PeerUnavailable(f"{package} is not installed ({EXTRA_HINT})")
     from sfs_fast.bench.e2e import PathUnavailable, export_path_file
     from sfs_fast.plan import named_plan
 

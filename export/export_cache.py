@@ -16,7 +16,6 @@ to clear it.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from pathlib import Path
 
@@ -26,13 +25,9 @@ FORMAT_VERSION = 1
 
 def exports_dir() -> Path | None:
     """The folder of the cached files, or None when the cache is off."""
-    from sfs_fast.download import cache_dir
-    from sfs_fast.plan_cache import OFF_VALUES
+    from sfs_fast.plan_cache import cache_folder
 
-    override = os.environ.get(CACHE_ENV, "").strip()
-    if override.lower() in OFF_VALUES:
-        return None
-    return Path(override).expanduser() if override else cache_dir() / "exports"
+    return cache_folder(CACHE_ENV, "exports")
 
 
 def sources_sha256() -> str:
@@ -50,11 +45,11 @@ def sources_sha256() -> str:
 
 def export_key(model, export_options: dict) -> dict:
     """Everything the exported file depends on (JSON-ready)."""
-    from sfs_fast.plan_cache import _package_version, weights_fingerprint
+    from sfs_fast.plan_cache import package_version, weights_fingerprint
 
     return {"format": FORMAT_VERSION, "weights": weights_fingerprint(model),
             "options": {k: list(v) if isinstance(v, tuple) else v for k, v in sorted(export_options.items())},
-            "versions": {name: _package_version(name) for name in ("sfs_fast", "torch", "onnx", "onnxslim")},
+            "versions": {name: package_version(name) for name in ("sfs_fast", "torch", "onnx", "onnxslim")},
             "sources": sources_sha256()}
 
 
@@ -63,11 +58,12 @@ def cached_export(model, export_options: dict, export) -> tuple[Path | None, boo
     on a miss ``export(target)`` writes it (atomically, verified) first and ``fresh`` is
     True. ``(None, False)`` when the cache is off or its folder cannot be written (the
     caller exports into a temporary folder)."""
+    from sfs_fast.plan_cache import key_digest
+
     folder = exports_dir()
     if folder is None:
         return None, False
-    key = json.dumps(export_key(model, export_options), sort_keys=True, separators=(",", ":"))
-    path = folder / f"method{model.method}-{hashlib.sha256(key.encode()).hexdigest()[:32]}.onnx"
+    path = folder / f"method{model.method}-{key_digest(export_key(model, export_options))}.onnx"
     if path.is_file():
         return path, False
     try:

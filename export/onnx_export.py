@@ -408,14 +408,12 @@ def export_session(model: SfSNetModel, path=None, *, device="cpu", threads=None,
 def export_openvino_session(model: SfSNetModel, path=None, *, precision="fp32", threads=None):
     """Export ``model`` to fp32 ONNX (verified) and compile it with OpenVINO at ``precision``:
     the ``Decomposer``'s ``openvino`` backend. bf16 keeps the layers the PyTorch bf16 path
-    keeps in float32 (:func:`sfs_fast.precision.low_precision_modules`, cut by ONNX scope:
+    keeps in float32 (:func:`~sfs_fast.export.openvino_runner.trunk_scopes`, cut by ONNX scope:
     :class:`sfs_fast.export.openvino_runner.OpenVinoRunner`). ``path`` as in :func:`export_session`."""
-    from sfs_fast.export.openvino_runner import OpenVinoRunner, openvino_module
-    from sfs_fast.export.runner import onnx_scope
-    from sfs_fast.precision import low_precision_modules
+    from sfs_fast.export.openvino_runner import OpenVinoRunner, openvino_module, trunk_scopes
 
     openvino_module()  # the missing package in one line, before seconds of export
-    scopes = tuple(onnx_scope(name) + "/" for name in low_precision_modules(model))
+    scopes = trunk_scopes(model)
     return _export_and_open(model, path, lambda f: OpenVinoRunner(f, precision, threads=threads, bf16_scopes=scopes),
                             {"precision": "fp32"})
 

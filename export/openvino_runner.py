@@ -49,6 +49,16 @@ def openvino_module():
     return openvino
 
 
+def trunk_scopes(model) -> tuple[str, ...]:
+    """The ONNX scopes (``/model/<module>/``) of the modules the PyTorch bf16 path computes
+    in bf16 (:func:`sfs_fast.precision.low_precision_modules`): the ``bf16_scopes`` that keep
+    the same layers in float32 as that path."""
+    from sfs_fast.export.runner import onnx_scope
+    from sfs_fast.precision import low_precision_modules
+
+    return tuple(onnx_scope(name) + "/" for name in low_precision_modules(model))
+
+
 def cut_by_scope(model, bf16_scopes) -> list[tuple[str, object, list, list]]:
     """Cut an ONNX ``model`` (a ``ModelProto``) into consecutive pieces by precision: a node
     is bf16 when its name starts with one of ``bf16_scopes``, fp32 otherwise. Returns
@@ -114,7 +124,8 @@ class OpenVinoRunner:
         precision: ``fp32`` or ``bf16`` (a hint OpenVINO may not follow: ``executed``).
         threads: inference threads (None: torch's intra-op count, else OpenVINO's default).
         bf16_scopes: with bf16, the ONNX name scopes computed in bf16, the rest in float32
-            (module docstring); None: the whole graph in bf16.
+            (module docstring), or a callable of the file's method that returns them (a file
+            opened without its model); None: the whole graph in bf16.
 
     One stream and the latency hint: one request at a time, like the other backends. Each
     new batch size compiles a static-shape model (OpenVINO's recommended form; the first
@@ -133,7 +144,7 @@ class OpenVinoRunner:
         if precision == "fp32" or bf16_scopes is None:
             self.pieces = [(precision, model, [INPUT_NAME], self.output_names)]
         else:
-            self.pieces = cut_by_scope(model, bf16_scopes)
+            self.pieces = cut_by_scope(model, bf16_scopes(self.method) if callable(bf16_scopes) else bf16_scopes)
         self.core = ov.Core()
         self._read = [(prec, self.core.read_model(piece.SerializeToString()), inputs)
                       for prec, piece, inputs, _ in self.pieces]

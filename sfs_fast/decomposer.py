@@ -216,16 +216,10 @@ class Decomposer:
 def _openvino_file_runner(path, plan: RunPlan):
     """An exported fp32 file on OpenVINO; bf16 keeps in float32 what the PyTorch bf16 path
     of the file's method keeps (the scopes are those of any model of the method)."""
-    from sfs_fast.export.openvino_runner import OpenVinoRunner, read_file
+    from sfs_fast.export.openvino_runner import OpenVinoRunner, trunk_scopes
 
-    scopes = None
-    if plan.precision == "bf16":
-        from sfs_fast.export.runner import onnx_scope
-        from sfs_fast.precision import low_precision_modules
-
-        method = int(read_file(path)[1]["method"])
-        scopes = tuple(onnx_scope(n) + "/" for n in low_precision_modules(build_model(method)))
-    return OpenVinoRunner(path, plan.precision or "fp32", threads=plan.threads, bf16_scopes=scopes)
+    return OpenVinoRunner(path, plan.precision or "fp32", threads=plan.threads,
+                          bf16_scopes=lambda method: trunk_scopes(build_model(method)))
 
 
 def load_model(model=None, *, method=None, weights=None):

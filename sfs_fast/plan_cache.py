@@ -46,12 +46,19 @@ OFF_VALUES = ("off", "0", "none", "false", "no")
 FORMAT_VERSION = 1  # bump when the decision's meaning changes: old files then miss
 
 
-def plans_dir() -> Path | None:
-    """The folder of the decision files, or None when the cache is off."""
-    override = os.environ.get(CACHE_ENV, "").strip()
+def cache_folder(env: str, name: str) -> Path | None:
+    """A cache's folder: ``$env`` when set (one of :data:`OFF_VALUES`: None, the cache is
+    off), else ``name`` under the package's cache folder. The plan cache's and the export
+    cache's (:mod:`sfs_fast.export.export_cache`) rule."""
+    override = os.environ.get(env, "").strip()
     if override.lower() in OFF_VALUES:
         return None
-    return Path(override).expanduser() if override else cache_dir() / "plans"
+    return Path(override).expanduser() if override else cache_dir() / name
+
+
+def plans_dir() -> Path | None:
+    """The folder of the decision files, or None when the cache is off."""
+    return cache_folder(CACHE_ENV, "plans")
 
 
 def hardware(device) -> dict:
@@ -76,11 +83,11 @@ def runtime_versions(candidates) -> dict:
     versions = {"sfs_fast": sfs_fast.__version__, "torch": torch.__version__}
     for backend, package in (("onnx", "onnxruntime"), ("openvino", "openvino")):
         if any(b == backend for b, _ in candidates):
-            versions[package] = _package_version(package)
+            versions[package] = package_version(package)
     return versions
 
 
-def _package_version(name: str) -> str | None:
+def package_version(name: str) -> str | None:
     """The installed version of ``name`` from its metadata (nothing imported), None if absent."""
     from importlib import metadata
 
@@ -144,12 +151,17 @@ def _canonical(key: dict) -> str:
     return json.dumps(key, sort_keys=True, separators=(",", ":"))
 
 
+def key_digest(key: dict) -> str:
+    """The first 32 hex digits of the sha256 of ``key`` as canonical JSON: a cache file's name."""
+    return _sha256(_canonical(key))[:32]
+
+
 def key_path(key: dict) -> Path | None:
     """The file of ``key``'s decision (None when the cache is off)."""
     folder = plans_dir()
     if folder is None:
         return None
-    return folder / f"{_sha256(_canonical(key))[:32]}.json"
+    return folder / f"{key_digest(key)}.json"
 
 
 def read_decision(key: dict) -> dict | None:
@@ -186,5 +198,5 @@ def write_decision(key: dict, decision: dict) -> Path | None:
     return path
 
 
-__all__ = ["CACHE_ENV", "plans_dir", "hardware", "runtime_versions", "weights_fingerprint", "decision_key",
+__all__ = ["CACHE_ENV", "cache_folder", "plans_dir", "package_version", "key_digest", "hardware", "runtime_versions", "weights_fingerprint", "decision_key",
            "key_path", "read_decision", "write_decision"]

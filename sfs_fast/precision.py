@@ -366,7 +366,7 @@ def auto_choices(backend: str | None, device="cpu") -> tuple[list[tuple[str, str
             ruled_out.append({"backend": cand_backend, "precision": prec, "why": caps["why"].get(prec, "unsupported"),
                               "by": "hardware"})
             continue
-        missing = _missing_packages(cand_backend, prec)
+        missing = missing_package(cand_backend)
         if missing:
             ruled_out.append({"backend": cand_backend, "precision": prec, "why": f"{missing} is not installed",
                               "by": "package"})
@@ -382,8 +382,9 @@ def auto_choices(backend: str | None, device="cpu") -> tuple[list[tuple[str, str
 _RUNTIME_PACKAGES = {"onnx": ("onnxruntime", "onnx"), "openvino": ("openvino", "onnx")}
 
 
-def _missing_packages(backend: str, precision: str) -> str | None:
-    """The first package a candidate needs that is not installed (found, not imported)."""
+def missing_package(backend: str) -> str | None:
+    """The first package ``backend`` needs beyond torch that is not installed (found, not
+    imported): ``auto``'s and ``sfs-bench``'s check."""
     import importlib.util
 
     for name in _RUNTIME_PACKAGES.get(backend, ()):

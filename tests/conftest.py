@@ -113,6 +113,6 @@ def without_openvino(monkeypatch):
     """``auto`` acts as where the openvino extra is not installed (its candidates ruled out)."""
     from sfs_fast import precision
 
-    real = precision._missing_packages
-    monkeypatch.setattr(precision, "_missing_packages",
-                        lambda backend, prec: "openvino" if backend == "openvino" else real(backend, prec))
+    real = precision.missing_package
+    monkeypatch.setattr(precision, "missing_package",
+                        lambda backend: "openvino" if backend == "openvino" else real(backend))
