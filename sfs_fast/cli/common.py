@@ -44,10 +44,10 @@ def run_command(prog: str, func, args) -> int:
 
 def checked_plan(args):
     """The run plan of the model flags, after the checks every command makes on them."""
-    from sfs_fast.plan import plan_from_args
+    from sfs_fast.plan import FILE_BACKENDS, plan_from_args
 
-    if args.onnx and args.backend not in (None, "onnx"):
-        raise CommandError("--onnx needs --backend onnx (or no --backend)")
+    if args.onnx and args.backend not in (None, *FILE_BACKENDS):
+        raise CommandError(f"--onnx needs --backend {' or '.join(FILE_BACKENDS)} (or no --backend)")
     if args.onnx and not Path(args.onnx).is_file():
         raise CommandError(f"{args.onnx}: no such ONNX file")
     return plan_from_args(args)  # a missing checkpoint is load_any's to report (it also takes registry names)
