@@ -70,13 +70,8 @@ def cut_by_scope(model, bf16_scopes) -> list[tuple[str, object, list, list]]:
 
     model = onnx.shape_inference.infer_shapes(model)  # a cut tensor's piece input needs its type and shape
     nodes = model.graph.node
-    runs: list[tuple[str, list]] = []
-    for node in nodes:
-        prec = "bf16" if node.name.startswith(tuple(bf16_scopes)) else "fp32"
-        if runs and runs[-1][0] == prec:
-            runs[-1][1].append(node)
-        else:
-            runs.append((prec, [node]))
+    runs = _precision_runs(nodes, tuple(bf16_scopes), {t.name for t in model.graph.initializer},
+                           {o.name for o in model.graph.output})
     made_in = {out: k for k, (_, run) in enumerate(runs) for node in run for out in node.output}
     read_in = collections.defaultdict(set)
     for k, (_, run) in enumerate(runs):
@@ -91,9 +86,55 @@ def cut_by_scope(model, bf16_scopes) -> list[tuple[str, object, list, list]]:
     for k, (prec, run) in enumerate(runs):
         inputs = sorted({i for n in run for i in n.input if i and made_in.get(i, -1) < k and i not in fixed})
         outputs = sorted({o for n in run for o in n.output if o not in fixed and (o in finals or any(r > k for r in read_in[o]))})
-        if outputs:  # a run of Constant nodes alone is no piece
+        if outputs:  # a run nothing later reads is no piece
             pieces.append((prec, extractor.extract_model(inputs, outputs), inputs, outputs))
     return pieces
+
+
+def _precision_runs(nodes, bf16_scopes: tuple, weights: set, finals: set) -> list[tuple[str, list]]:
+    """The non-Constant ``nodes`` in a topological order with few precision changes, as
+    ``[(precision, [node, ...])]``. A node is bf16 under ``bf16_scopes``, and so is a node
+    without ``weights`` whose every reader is bf16 (the concatenation of the features a bf16
+    head reads: its first convolution rounds them to bf16 anyway). The exporter's order
+    interleaves modules that do not depend on each other (a residue head's nodes among the
+    other heads'), which would cut the graph into many pieces; this order keeps taking
+    ready nodes of the current precision, in graph order, and switches only when none is
+    left."""
+    import heapq
+
+    nodes = [n for n in nodes if n.op_type != "Constant"]  # fixed values: each piece extracts its own
+    producer = {out: k for k, n in enumerate(nodes) for out in n.output}
+    users = collections.defaultdict(list)
+    waiting = []
+    for k, node in enumerate(nodes):
+        deps = {producer[i] for i in node.input if i in producer}
+        waiting.append(len(deps))
+        for d in deps:
+            users[d].append(k)
+    precs = ["bf16" if n.name.startswith(bf16_scopes) else "fp32" for n in nodes]
+    for k in reversed(range(len(nodes))):  # readers come later in the exporter's (topological) order
+        node = nodes[k]
+        if (precs[k] == "fp32" and users[k] and not set(node.input) & weights and not set(node.output) & finals
+                and all(precs[u] == "bf16" for u in users[k])):
+            precs[k] = "bf16"
+    ready = {"fp32": [], "bf16": []}
+    for k in range(len(nodes)):
+        if not waiting[k]:
+            heapq.heappush(ready[precs[k]], k)
+    runs: list[tuple[str, list]] = []
+    current = precs[0] if nodes else "fp32"
+    while ready["fp32"] or ready["bf16"]:
+        if not ready[current]:
+            current = "bf16" if current == "fp32" else "fp32"
+        k = heapq.heappop(ready[current])
+        if not runs or runs[-1][0] != current:
+            runs.append((current, []))
+        runs[-1][1].append(nodes[k])
+        for u in users[k]:
+            waiting[u] -= 1
+            if not waiting[u]:
+                heapq.heappush(ready[precs[u]], u)
+    return runs
 
 
 def read_file(path) -> tuple[object, dict]:

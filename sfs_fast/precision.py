@@ -271,27 +271,42 @@ def float_islands(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> list
     outputs are the results themselves, so a rounding step there is an error in an output.
     Inside the encoder, its first part (``ENCODER[0]``, the shared convolutions before the
     trunks, 8% of the FLOPs): on the bundled weights bf16 there alone put the shading at 1.6%
-    of its range. Any other model gets the float16 rule. The float16 rule alone puts
+    of its range. The one head outside the encoder that computes in bf16 is a residue head
+    (:func:`bf16_heads`): the residue is a correction added to the SH shading, so bf16's
+    relative rounding of it is small in the shading. Any other model gets the float16 rule. The float16 rule alone puts
     bf16 over the budget on the demo weights; each float32 island of the bf16 rule was kept
     for the error it removes (figures in bench/README.md, "Lab notes").
     """
     encoder = getattr(model, "ENCODER", None) if dtype == torch.bfloat16 else None
+    low = (*encoder[1:], *bf16_heads(model)) if encoder is not None else ()
     names = []
     for name, m in model.named_modules():
         if not isinstance(m, (nn.Conv2d, nn.Linear)):
             continue
         if encoder is not None:
-            if name.split(".", 1)[0] not in encoder[1:]:
+            if name.split(".", 1)[0] not in low:
                 names.append(name)
         elif isinstance(m, nn.Linear) or m.out_channels == 3 or m.in_channels == 3:
             names.append(name)
     return names
 
 
+def bf16_heads(model: nn.Module) -> tuple[str, ...]:
+    """The heads outside the encoder that compute in bf16 under :func:`to_low_precision`:
+    a residue head (``spec.head == "residue"``), whose output is added to the SH shading.
+    On the bundled weights of methods 3-7 it moves no budget metric by more than 0.01% of a
+    range, and it is 3.1 of the 13.4 GFLOP per image method 3 computed in float32 before
+    (bench/README.md, "Lab notes"). A correcting or generating head's output *is* the
+    shading: it stays float32."""
+    spec = getattr(model, "spec", None)
+    return (spec.head_module,) if spec is not None and spec.head == "residue" else ()
+
+
 def low_precision_modules(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> list[str]:
     """The top-level modules of ``model`` whose every convolution and linear layer computes
     in ``dtype`` under :func:`to_low_precision` (none of them a :func:`float_islands`), in
-    the model's order: for the SfSNet models under bf16, the residual trunks. The OpenVINO
+    the model's order: for the SfSNet models under bf16, the residual trunks and a residue
+    head (:func:`bf16_heads`). The OpenVINO
     bf16 path (``sfs_fast.export.openvino_runner``) compiles these in bf16 and the rest in
     float32, so the two bf16 paths keep the same layers in float32."""
     keep = set(float_islands(model, dtype))
@@ -325,7 +340,7 @@ def to_low_precision(model: nn.Module, dtype: torch.dtype, *, keep_float: bool =
                 m.to(dtype)
             m.register_forward_pre_hook(_cast_inputs_to_weight)
     if keep_float:
-        for name in getattr(out, "ENCODER", ()):
+        for name in (*getattr(out, "ENCODER", ()), *(bf16_heads(out) if dtype == torch.bfloat16 else ())):
             if hasattr(out, name):
                 out.get_submodule(name).register_forward_hook(_float_output)
     return out
@@ -335,7 +350,7 @@ def _float_output(module, args, output):
     """Forward hook: the module hands float32 on. On the encoder's parts this keeps the
     residual trunks' running sums in float32 (a bf16 block output plus a float32 input is
     float32): a bf16 sum over five blocks drops the small updates (bench/README.md, "Lab
-    notes")."""
+    notes"); a bf16 residue head hands the shading op float32 like its other inputs."""
     return output.float()
 
 

@@ -10,7 +10,7 @@ import torch
 
 from sfs_fast import precision as P
 from sfs_fast.decomposer import Decomposer
-from sfs_fast.models import METHODS, output_names
+from sfs_fast.models import METHODS, build_model, output_names
 from sfs_fast.plan import resolve_plan
 from sfs_fast.samples import check_images, example_faces
 
@@ -232,15 +232,19 @@ def example_pair():
 
 
 def test_bf16_layers_follow_the_encoder_rule(models):
-    """bf16 computes the trunks' convolutions (the encoder but its first part); decoders,
-    light and heads keep float32 weights; BatchNorm keeps float32 parameters everywhere."""
+    """bf16 computes the trunks' convolutions (the encoder but its first part) and a residue
+    head's; decoders, light and other heads keep float32 weights; BatchNorm keeps float32
+    parameters everywhere."""
     low = P.to_low_precision(models[3], torch.bfloat16)
     islands = set(P.float_islands(low))
     assert {"conv_model.conv1.0", "conv_model.conv2.0", "conv_model.conv3", "normal_gen_model.conv3",
-            "albedo_gen_model.conv2.0",
-            "light_estimator_model.conv1.0", "light_estimator_model.fc", "shading_residual_model.conv1.0"} <= islands
-    assert not any(n.startswith(("normal_residual_model", "albedo_residual_model", "albedo_residual_model_2"))
-                   for n in islands)
+            "albedo_gen_model.conv2.0", "light_estimator_model.conv1.0", "light_estimator_model.fc"} <= islands
+    assert not any(n.startswith(("normal_residual_model", "albedo_residual_model", "albedo_residual_model_2",
+                                 "shading_residual_model")) for n in islands)
+    assert P.bf16_heads(models[3]) == ("shading_residual_model",)
+    for method, head in ((1, "shading_correctness_model"), (2, "shading_model")):  # their head is the shading
+        model = build_model(method)
+        assert P.bf16_heads(model) == () and any(n.startswith(head) for n in P.float_islands(model)), method
     for name, p in low.named_parameters():
         layer = name.rsplit(".", 1)[0]
         is_bn = isinstance(low.get_submodule(layer), torch.nn.BatchNorm2d)
