@@ -336,11 +336,13 @@ def test_unknown_fused_option_is_rejected():
 def test_folder_speed_runs_the_same_pictures_both_ways(tmp_path, capsys):
     from sfs_fast.bench import cli
 
-    assert cli.main(["folder-speed", "--pictures", "2", "--batch-size", "1", "--paths", "eager",
+    assert cli.main(["folder-speed", "--pictures", "2", "--batch-size", "1", "--paths", "eager", "--rounds", "2",
                      "--json", str(tmp_path / "fs.json")]) == 0
     row = json.loads((tmp_path / "fs.json").read_text())["rows"][0]
     assert row["path"] == "eager" and row["plan"] == "eager fp32" and row["pictures"] == row["ok"] == 2
     assert row["ratio"] == pytest.approx(row["folder_img_s"] / row["model_img_s"])
+    assert row["rounds"] == 2 and row["ratio_min"] <= row["ratio"] <= row["ratio_max"]
+    assert 0 < row["folder_model_s"] and 0 <= row["pipeline_s"] < 2 / row["folder_img_s"]  # below the wall time
     assert "| eager | eager fp32 |" in capsys.readouterr().out
     assert cli.main(["folder-speed", "--paths", "nope"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
