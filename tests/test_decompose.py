@@ -14,7 +14,7 @@ from PIL import Image
 
 from sfs_fast import images
 from sfs_fast.cli import decompose as cli
-from sfs_fast.cli.common import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL
+from sfs_fast.cli.common import EXIT_ERROR, EXIT_OK, EXIT_PARTIAL, EXIT_USAGE
 from pictures import face_like, make_mixed_folder
 
 PNG_OUT = ("normal", "albedo", "shading", "recon")  # method 0: no residue
@@ -169,6 +169,7 @@ def test_list_file_and_masks_dir(tmp_path, checkpoint, capsys):
     # weights.load_any names the missing checkpoint (a file or, soon, a registry name)
     (["{tmp}/bad", "{tmp}/out", "--weights", "{tmp}/none.safetensors"], EXIT_ERROR, "none.safetensors"),
     (["{tmp}/bad", "{tmp}/bad"], EXIT_ERROR, "OUT must not be IN"),
+    (["{tmp}/bad", "{tmp}/out", "--precision", "int8", "--backend", "fused"], EXIT_USAGE, "int8"),  # makes no plan
 ])
 def test_errors_are_one_line(tmp_path, capsys, checkpoint, argv, code, message):
     (tmp_path / "empty").mkdir()

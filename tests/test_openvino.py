@@ -156,11 +156,11 @@ def test_sfs_decompose_runs_the_openvino_backend(tmp_path, capsys):
 
 
 def test_sfs_decompose_runs_an_onnx_file_on_openvino(tmp_path, capsys, exported):
-    from sfs_fast.cli.common import EXIT_ERROR
+    from sfs_fast.cli.common import EXIT_USAGE
     from sfs_fast.cli.decompose import main
 
     rc = main(["examples/faces", str(tmp_path / "out"), "--onnx", exported(0), "--backend", "openvino",
                "--precision", "bf16", "--threads", "2", "--faces", "off"])
     assert rc == 0 and "(openvino bf16, as requested)" in capsys.readouterr().err
-    assert main(["examples/faces", str(tmp_path / "out2"), "--onnx", exported(0), "--backend", "eager"]) == EXIT_ERROR
+    assert main(["examples/faces", str(tmp_path / "out2"), "--onnx", exported(0), "--backend", "eager"]) == EXIT_USAGE
     assert "--onnx needs --backend onnx or openvino" in capsys.readouterr().err

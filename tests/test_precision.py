@@ -481,4 +481,4 @@ def test_decompose_cli_precision(tmp_path, capsys):
     code = decompose.main([str(src), str(tmp_path / "out2"), "--method", "0", "--precision", "int8",
                            "--backend", "fused"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code != 0 and len(err) == 1 and "int8" in err[0] and "Traceback" not in err[0]
+    assert code == 2 and len(err) == 1 and "int8" in err[0] and "Traceback" not in err[0]  # a bad command line

@@ -43,14 +43,18 @@ def run_command(prog: str, func, args) -> int:
 
 
 def checked_plan(args):
-    """The run plan of the model flags, after the checks every command makes on them."""
+    """The run plan of the model flags, after the checks every command makes on them. Flags
+    that make no plan (here) are a bad command line (exit 2), a missing file bad input (1)."""
     from sfs_fast.plan import FILE_BACKENDS, plan_from_args
 
     if args.onnx and args.backend not in (None, *FILE_BACKENDS):
-        raise CommandError(f"--onnx needs --backend {' or '.join(FILE_BACKENDS)} (or no --backend)")
+        raise CommandError(f"--onnx needs --backend {' or '.join(FILE_BACKENDS)} (or no --backend)", EXIT_USAGE)
     if args.onnx and not Path(args.onnx).is_file():
         raise CommandError(f"{args.onnx}: no such ONNX file")
-    return plan_from_args(args)  # a missing checkpoint is load_any's to report (it also takes registry names)
+    try:
+        return plan_from_args(args)  # a missing checkpoint is load_any's to report (it also takes registry names)
+    except ValueError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
 
 
 def print_notes(notes, prog: str) -> None:
