@@ -8,7 +8,8 @@ Parts (``--parts``, all by default):
 - ``curve``: per path (the e2e paths, :mod:`sfs_fast.bench.e2e`) and batch (1, 2, 4, 8, 16, 32),
   the median (p50) and 99th percentile (p99) of ``--runs`` timed calls after one untimed first
   call of that batch size (which compiles where a path specialises on it) and ``--warmup``
-  more; images per second. Each path's batch-1 outputs are held to the accuracy budget against
+  more; images per second. Each (path, batch) runs in a fresh process, as a deployment that
+  runs one batch size, on the files this process exported (the rss part's children too). Each path's batch-1 outputs are held to the accuracy budget against
   eager fp32 (:func:`sfs_fast.precision.check_budget`). ``--plot`` draws latency and
   throughput against batch.
 - ``first-output``: ``sfs-decompose`` on one picture in a fresh process, wall time from
@@ -37,44 +38,80 @@ DEFAULT_BATCHES = (1, 2, 4, 8, 16, 32)
 
 def run_curve(*, method: int, paths, batches, threads, warmup: int, runs: int, weights=None, log=print) -> list[dict]:
     """Rows ``{path, batch, status, reason, ms (timing summary), first_call_ms, images_per_s,
-    budget}`` for every (path, batch)."""
+    budget}`` for every (path, batch), each measured in a fresh process
+    (:func:`measure_curve_child`): one batch size per process, as a deployment runs, so no
+    point depends on the sizes or paths measured before it (in one process they did:
+    bench/README.md). The budget, checked in the child of the first batch size, goes on
+    every row of the path."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="sfs_bench_curve_") as folder:
+        files = _export_files(paths, method, weights, Path(folder))
+        for path in paths:
+            budget = None
+            for k, b in enumerate(batches):
+                spec = {"path": path, "method": method, "batch": b, "threads": threads, "files": files,
+                        "weights": weights, "warmup": warmup, "runs": runs, "budget": k == 0}
+                row = _run_child("curve", spec, path, b)
+                budget = row.pop("budget_report", None) or budget
+                rows.append(row)
+                if row["status"] != "ok":
+                    log(f"  {path:14s} b{b:<3d} {row['status']}: {row['reason']}")
+                    continue
+                row["budget"] = budget
+                log(f"  {path:14s} b{b:<3d} p50 {row['ms']['median']:9.1f} ms  p99 {row['ms']['p99']:9.1f} ms  "
+                    f"{row['images_per_s']:6.2f} img/s")
+    return rows
+
+
+def measure_curve_child(path: str, method: int, batch: int, threads, files: dict, weights=None, *,
+                        warmup: int, runs: int, budget: bool) -> dict:
+    """In this (fresh) process: open ``path`` (:func:`_child_open`), time one untimed first
+    call of ``batch`` images (it compiles where a path specialises on the size), ``warmup``
+    more and ``runs`` timed ones; with ``budget``, the outputs against eager fp32 on the same
+    images (``budget_report``)."""
     import time
 
     import torch
 
-    from sfs_fast.bench.e2e import PathUnavailable, bench_images, load_bench_model, make_decomposer
+    from sfs_fast.bench.e2e import bench_images, load_bench_model
     from sfs_fast.bench.timing import time_calls
     from sfs_fast.precision import check_budget, format_metrics, reference_outputs
 
-    model, _ = load_bench_model(method, weights)
-    gen = torch.Generator().manual_seed(4321)
-    inputs = {b: [bench_images(b, gen) for _ in range(2)] for b in batches}
-    reference = reference_outputs(model, inputs[batches[0]][0])
-    rows = []
-    for path in paths:
-        try:
-            dec = make_decomposer(path, model, device="cpu", threads=threads)
-            budget = check_budget(dec.decompose(inputs[batches[0]][0]), reference)
-        except PathUnavailable as exc:
-            rows += [{"path": path, "batch": b, "status": "skipped", "reason": str(exc)} for b in batches]
-            log(f"  {path:14s} skipped: {exc}")
-            continue
-        except Exception as exc:  # a path that breaks must not sink the others
-            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-            rows += [{"path": path, "batch": b, "status": "failed", "reason": reason} for b in batches]
-            log(f"  {path:14s} FAILED: {reason}")
-            continue
-        for b in batches:
-            t0 = time.perf_counter()
-            dec.decompose(inputs[b][0])  # first call of this size: compiles where a path specialises on it
-            first_ms = (time.perf_counter() - t0) * 1e3
-            stats = time_calls(dec.decompose, inputs[b], warmup=warmup, runs=runs)
-            rows.append({"path": path, "batch": b, "status": "ok", "reason": None, "ms": stats,
-                         "first_call_ms": first_ms, "images_per_s": 1e3 * b / stats["median"],
-                         "budget": {"passed": budget["passed"], "line": format_metrics(budget)}})
-            log(f"  {path:14s} b{b:<3d} p50 {stats['median']:9.1f} ms  p99 {stats['p99']:9.1f} ms  "
-                f"{rows[-1]['images_per_s']:6.2f} img/s")
-    return rows
+    if threads is not None:
+        torch.set_num_threads(threads)
+    gen = torch.Generator().manual_seed(4321 + batch)
+    inputs = [bench_images(batch, gen) for _ in range(2)]
+    dec = _child_open(path, method, threads, files, weights)
+    t0 = time.perf_counter()
+    first = dec.decompose(inputs[0])
+    first_ms = (time.perf_counter() - t0) * 1e3
+    stats = time_calls(dec.decompose, inputs, warmup=warmup, runs=runs)
+    row = {"path": path, "batch": batch, "status": "ok", "reason": None, "ms": stats, "first_call_ms": first_ms,
+           "images_per_s": 1e3 * batch / stats["median"]}
+    if budget:
+        report = check_budget(first, reference_outputs(load_bench_model(method, weights)[0], inputs[0]))
+        row["budget_report"] = {"passed": report["passed"], "line": format_metrics(report)}
+    return row
+
+
+def _run_child(kind: str, spec: dict, path: str, batch: int) -> dict:
+    """Run a ``kind`` (``curve`` or ``rss``) measuring child on ``spec``; its row, or a
+    ``skipped`` / ``failed`` row with the child's last stderr line."""
+    from sfs_fast.bench.e2e import PathUnavailable, path_plan
+    from sfs_fast.bench.peers import PEER_PATHS
+
+    try:
+        if path not in PEER_PATHS:
+            path_plan(path, device="cpu", threads=spec["threads"])  # skip with the reason, not a child's crash
+    except PathUnavailable as exc:
+        return {"path": path, "batch": batch, "status": "skipped", "reason": str(exc)}
+    done = subprocess.run([sys.executable, "-m", "sfs_fast.bench.latency", "--child", json.dumps({kind: spec})],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"path": path, "batch": batch, "status": "skipped" if "not installed" in tail else "failed",
+                "reason": tail}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------------------------------
@@ -145,29 +182,13 @@ def _export_files(paths, method: int, weights, folder: Path) -> dict:
 
 def run_rss(*, method: int, paths, batch: int, threads, weights=None, log=print) -> list[dict]:
     """:func:`measure_rss_child` of each path, each in a fresh Python process."""
-    from sfs_fast.bench.e2e import PathUnavailable, path_plan
-    from sfs_fast.bench.peers import PEER_PATHS
-
     rows = []
     with tempfile.TemporaryDirectory(prefix="sfs_bench_rss_") as folder:
         files = _export_files(paths, method, weights, Path(folder))
         for path in paths:
-            try:
-                if path not in PEER_PATHS:
-                    path_plan(path, device="cpu", threads=threads)  # skip with the reason, not a child's crash
-            except PathUnavailable as exc:
-                rows.append({"path": path, "batch": batch, "status": "skipped", "reason": str(exc)})
-                continue
             spec = {"path": path, "method": method, "batch": batch, "threads": threads, "files": files,
                     "weights": weights}
-            done = subprocess.run([sys.executable, "-m", "sfs_fast.bench.latency", "--rss-child", json.dumps(spec)],
-                                  capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-                status = "skipped" if "not installed" in tail else "failed"
-                rows.append({"path": path, "batch": batch, "status": status, "reason": tail})
-            else:
-                rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            rows.append(_run_child("rss", spec, path, batch))
             r = rows[-1]
             log(f"  rss {path:14s} " + (f"peak {r['peak_rss_mib']} MiB (after opening {r['peak_rss_after_open_mib']})"
                                         if r["status"] == "ok" else f"{r['status']}: {r['reason']}"))
@@ -178,18 +199,24 @@ def run_rss(*, method: int, paths, batch: int, threads, weights=None, log=print)
 # Reports
 
 
+def _budget_cell(budget) -> str:
+    if budget is None:
+        return "not checked (the first batch's child failed)"
+    return "ok" if budget["passed"] else "FAIL: " + budget["line"]
+
+
 def format_tables(result: dict) -> str:
     """Plain-text tables of the parts that ran."""
     out = []
     if "curve" in result:
-        out.append("path            batch  p50 ms     p99 ms     first ms   img/s   budget (batch 1 vs eager fp32)")
+        out.append("path            batch  p50 ms     p99 ms     first ms   img/s   budget (first batch vs eager fp32)")
         for r in result["curve"]:
             if r["status"] != "ok":
                 out.append(f"{r['path']:15s} {r['batch']:<6d} {r['status']}: {r['reason']}")
                 continue
             out.append(f"{r['path']:15s} {r['batch']:<6d} {r['ms']['median']:<10.1f} {r['ms']['p99']:<10.1f} "
                        f"{r['first_call_ms']:<10.1f} {r['images_per_s']:<7.2f} "
-                       + ("ok" if r["budget"]["passed"] else "FAIL: " + r["budget"]["line"]))
+                       + _budget_cell(r["budget"]))
     if "first_output" in result:
         from sfs_fast.bench.first_output import format_table
 
@@ -277,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--markdown", default=None, metavar="OUT")
     p.add_argument("--plot", default=None, metavar="OUT.png", help="latency and throughput against batch (matplotlib)")
     p.add_argument("--quiet", action="store_true")
-    p.add_argument("--rss-child", default=None, help=argparse.SUPPRESS)  # the measuring child
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # a measuring child: {"curve"|"rss": spec}
     add_debug_flag(p)
     return p
 
@@ -303,10 +330,11 @@ def _check(args) -> None:
 
 
 def _run(args) -> int:
-    if args.rss_child is not None:
-        spec = json.loads(args.rss_child)
-        print(json.dumps(measure_rss_child(spec["path"], spec["method"], spec["batch"], spec["threads"],
-                                           spec["files"], spec["weights"])))
+    if args.child is not None:
+        (kind, spec), = json.loads(args.child).items()
+        common = [spec.pop(k) for k in ("path", "method", "batch", "threads", "files", "weights")]
+        measure = measure_curve_child if kind == "curve" else measure_rss_child
+        print(json.dumps(measure(*common, **spec)))
         return 0
     _check(args)
     import shlex

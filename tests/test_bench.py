@@ -346,3 +346,19 @@ def test_folder_speed_runs_the_same_pictures_both_ways(tmp_path, capsys):
     assert "| eager | eager fp32 |" in capsys.readouterr().out
     assert cli.main(["folder-speed", "--paths", "nope"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_latency_curve_measures_each_batch_in_its_own_process(tmp_path, capsys):
+    """The curve's rows come from fresh children (one per path and batch); the budget checked
+    in the first batch's child is on every row; a path this machine lacks is skipped."""
+    from sfs_fast.bench import latency
+
+    assert latency.main(["--method", "0", "--parts", "curve", "--paths", "fused,fp16", "--batch", "1,2", "--runs", "1",
+                         "--warmup", "0", "--threads", "1", "--quiet", "--json", str(tmp_path / "lat.json")]) == 0
+    rows = json.loads((tmp_path / "lat.json").read_text())["curve"]
+    fused = [r for r in rows if r["path"] == "fused"]
+    assert [r["batch"] for r in fused] == [1, 2] and all(r["status"] == "ok" for r in fused)
+    assert all(r["budget"]["passed"] and r["ms"]["runs"] == 1 for r in fused)
+    assert fused[1]["images_per_s"] == pytest.approx(2e3 / fused[1]["ms"]["median"])
+    assert {r["status"] for r in rows if r["path"] == "fp16"} == {"skipped"}
+    assert "fused           2" in capsys.readouterr().out
