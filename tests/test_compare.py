@@ -7,7 +7,7 @@ from PIL import Image
 
 from sfs_fast import images
 from sfs_fast.cli import compare as cli
-from sfs_fast.cli.common import EXIT_ERROR, EXIT_PARTIAL, CommandError
+from sfs_fast.cli.common import EXIT_ERROR, EXIT_PARTIAL, EXIT_USAGE, CommandError
 from sfs_fast.decomposer import Decomposer
 from pictures import face_like
 
@@ -57,4 +57,4 @@ def test_nothing_readable_is_one_line(tmp_path, capsys):
     assert cli.main([str(tmp_path / "in"), str(tmp_path / "out"), "--faces", "off"]) == EXIT_ERROR
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "sfs-compare: error: no picture could be read" and not (tmp_path / "out").exists()
-    assert cli.main([str(tmp_path / "in"), str(tmp_path / "out"), "--methods", "9"]) == EXIT_ERROR
+    assert cli.main([str(tmp_path / "in"), str(tmp_path / "out"), "--methods", "9"]) == EXIT_USAGE

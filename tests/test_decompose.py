@@ -165,7 +165,8 @@ def test_list_file_and_masks_dir(tmp_path, checkpoint, capsys):
     (["{tmp}/nowhere", "{tmp}/out"], EXIT_ERROR, "no such file or folder"),
     (["{tmp}/empty", "{tmp}/out"], EXIT_ERROR, "no pictures found"),
     (["{tmp}/bad", "{tmp}/out"], EXIT_ERROR, None),
-    (["{tmp}/bad", "{tmp}/out", "--formats", "gif"], EXIT_ERROR, "--formats"),
+    (["{tmp}/bad", "{tmp}/out", "--formats", "gif"], EXIT_USAGE, "--formats"),
+    (["{tmp}/bad", "{tmp}/out", "--batch-size", "0"], EXIT_USAGE, "batch size"),
     # weights.load_any names the missing checkpoint (a file or, soon, a registry name)
     (["{tmp}/bad", "{tmp}/out", "--weights", "{tmp}/none.safetensors"], EXIT_ERROR, "none.safetensors"),
     (["{tmp}/bad", "{tmp}/bad"], EXIT_ERROR, "OUT must not be IN"),

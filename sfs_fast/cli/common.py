@@ -57,6 +57,17 @@ def checked_plan(args):
         raise CommandError(str(exc), EXIT_USAGE) from None
 
 
+def checked_options(options):
+    """``options.checked()`` (a :class:`sfs_fast.pipeline.FolderOptions`); a bad value is a
+    bad command line (exit 2)."""
+    from sfs_fast.pipeline import PipelineError
+
+    try:
+        return options.checked()
+    except PipelineError as exc:
+        raise CommandError(str(exc), EXIT_USAGE) from None
+
+
 def print_notes(notes, prog: str) -> None:
     for text in notes:
         print(f"{prog}: note: {text}", file=sys.stderr)

@@ -7,7 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from sfs_fast.cli.common import CommandError, add_debug_flag, finish, prepared_pictures, run_command
+from sfs_fast.cli.common import (EXIT_USAGE, CommandError, add_debug_flag, checked_options, finish, prepared_pictures,
+                                 run_command)
 
 PROG = "sfs-compare"
 
@@ -62,10 +63,10 @@ def parse_methods(text: str) -> list[int]:
             lo, _, hi = part.partition("-")
             ids += range(int(lo), int(hi or lo) + 1)
     except ValueError:
-        raise CommandError(f"--methods: expected ids or ranges such as 0-7 or 0,3,5, got {text!r}") from None
+        raise CommandError(f"--methods: expected ids or ranges such as 0-7 or 0,3,5, got {text!r}", EXIT_USAGE) from None
     unknown = sorted(set(ids) - set(METHODS))
     if not ids or unknown:
-        raise CommandError(f"--methods: choose from {min(METHODS)}-{max(METHODS)} (got {text!r})")
+        raise CommandError(f"--methods: choose from {min(METHODS)}-{max(METHODS)} (got {text!r})", EXIT_USAGE)
     return sorted(set(ids))
 
 
@@ -77,7 +78,7 @@ def read_crops(args) -> tuple[list, int]:
     items = pipeline.discover(Path(args.input), Path(args.output), recursive=args.recursive)
     if not items:
         raise CommandError(f"{args.input}: no pictures found")
-    options = pipeline.FolderOptions(fit=args.fit).checked()
+    options = checked_options(pipeline.FolderOptions(fit=args.fit))
     face_options = face_options_from(args) if args.faces != "off" else None
     if face_options is not None:
         from sfs_fast.face_folder import face_preparer
@@ -121,7 +122,7 @@ def compare(args) -> int:
 
     methods = parse_methods(args.methods)
     if args.batch_size < 1:
-        raise CommandError("--batch-size must be at least 1")
+        raise CommandError("--batch-size must be at least 1", EXIT_USAGE)
     plan = plan_from_args(args)  # one plan for every method; auto decides per method's weights
     crops, failed = read_crops(args)
     rows, plans = {c.stem: [] for c in crops}, {}

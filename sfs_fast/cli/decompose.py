@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from sfs_fast.cli.common import CommandError, add_debug_flag, make_decomposer, run_command
+from sfs_fast.cli.common import EXIT_USAGE, CommandError, add_debug_flag, checked_options, make_decomposer, run_command
 from sfs_fast.pipeline import FORMATS, FolderOptions, Summary, decompose_folder, discover
 from sfs_fast.plan import add_plan_arguments
 
@@ -237,7 +237,7 @@ def parse_formats(text: str) -> tuple:
     """``png,npy`` -> ``("png", "npy")``; a one-line error for anything else."""
     formats = tuple(dict.fromkeys(f.strip() for f in text.split(",") if f.strip()))
     if not formats or not set(formats) <= set(FORMATS):
-        raise CommandError(f"--formats: choose from {', '.join(FORMATS)} (got {text!r})")
+        raise CommandError(f"--formats: choose from {', '.join(FORMATS)} (got {text!r})", EXIT_USAGE)
     return formats
 
 
@@ -285,10 +285,10 @@ def print_summary(summary: Summary, load_s: float, as_json: bool, prog: str = PR
 
 def decompose(args) -> int:
     ray_options = ray_options_from(args)
-    options = FolderOptions(recursive=args.recursive, masks=Path(args.masks) if args.masks else None,
-                            fit=args.fit, batch_size=args.batch_size, workers=args.workers,
-                            overwrite=args.overwrite, formats=parse_formats(args.formats), grid=args.grid,
-                            max_pixels=args.max_pixels).checked()
+    options = checked_options(FolderOptions(
+        recursive=args.recursive, masks=Path(args.masks) if args.masks else None, fit=args.fit,
+        batch_size=args.batch_size, workers=args.workers, overwrite=args.overwrite,
+        formats=parse_formats(args.formats), grid=args.grid, max_pixels=args.max_pixels))
     if options.masks is not None and not options.masks.is_dir():
         raise CommandError(f"--masks {options.masks}: no such folder")
     src, out_dir = Path(args.input), Path(args.output)

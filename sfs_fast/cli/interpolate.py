@@ -7,7 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from sfs_fast.cli.common import CommandError, add_debug_flag, finish, make_decomposer, prepared_pictures, run_command
+from sfs_fast.cli.common import (EXIT_USAGE, CommandError, add_debug_flag, finish, make_decomposer, prepared_pictures,
+                                 run_command)
 from sfs_fast.pipeline import Crop
 
 PROG = "sfs-interpolate"
@@ -140,7 +141,7 @@ def interpolate(args) -> int:
     from sfs_fast.sh import format_light, read_light
 
     if args.steps < 2:
-        raise CommandError("--steps must be at least 2")
+        raise CommandError("--steps must be at least 2", EXIT_USAGE)
     out_dir = Path(args.output)
     pictures, failed = read_pictures(args)
     target_light = read_light(args.light) if args.light else None

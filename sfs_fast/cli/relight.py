@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sfs_fast.cli.common import CommandError, add_debug_flag, make_decomposer, run_command
+from sfs_fast.cli.common import EXIT_USAGE, CommandError, add_debug_flag, checked_options, make_decomposer, run_command
 from sfs_fast.cli.decompose import ProgressBar, print_summary
 from sfs_fast.plan import add_plan_arguments
 
@@ -119,7 +119,7 @@ def relight(args) -> int:
     from sfs_fast.pipeline import FolderOptions, decompose_folder, discover
 
     if args.steps is not None and args.steps < 2:
-        raise CommandError("--steps must be at least 2")
+        raise CommandError("--steps must be at least 2", EXIT_USAGE)
     face_options = face_options_from(args)
     if face_options is None:  # no OpenCV: pasting back needs it whatever --faces says
         from sfs_fast.faces import FACES_EXTRA_HINT
@@ -133,9 +133,9 @@ def relight(args) -> int:
         except (OSError, ValueError) as exc:
             raise CommandError(f"--light {args.light}: neither a preset ({', '.join(faces.PRESET_DIRECTIONS)}) "
                                f"nor a readable light file ({exc})") from None
-    options = FolderOptions(recursive=args.recursive, masks=Path(args.masks) if args.masks else None,
-                            batch_size=args.batch_size, workers=args.workers, overwrite=args.overwrite,
-                            max_pixels=args.max_pixels).checked()
+    options = checked_options(FolderOptions(recursive=args.recursive, masks=Path(args.masks) if args.masks else None,
+                                            batch_size=args.batch_size, workers=args.workers,
+                                            overwrite=args.overwrite, max_pixels=args.max_pixels))
     if options.masks is not None and not options.masks.is_dir():
         raise CommandError(f"--masks {options.masks}: no such folder")
     src, out_dir = Path(args.input), Path(args.output)
