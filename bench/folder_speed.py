@@ -91,8 +91,8 @@ def measure_path(path: str, method: int, src: Path, batch_size: int, threads, ro
 
 
 def format_table(rows) -> str:
-    lines = ["| path | runs as | model alone img/s | folder img/s | folder / model (range) | model time in folder run (s) "
-             "| pipeline s |",
+    lines = ["| path | runs as | model alone img/s | folder img/s | folder / model (range) "
+             "| model time in folder run (s) | pipeline s |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['path']} | {r['plan']} | {r['model_img_s']:.2f} | {r['folder_img_s']:.2f} | "

@@ -9,9 +9,10 @@ Parts (``--parts``, all by default):
   the median (p50) and 99th percentile (p99) of ``--runs`` timed calls after one untimed first
   call of that batch size (which compiles where a path specialises on it) and ``--warmup``
   more; images per second. Each (path, batch) runs in a fresh process, as a deployment that
-  runs one batch size, on the files this process exported (the rss part's children too). Each path's batch-1 outputs are held to the accuracy budget against
-  eager fp32 (:func:`sfs_fast.precision.check_budget`). ``--plot`` draws latency and
-  throughput against batch.
+  runs one batch size, on the files this process exported (the rss part's children too).
+  Each path's outputs at the first batch size are held to the accuracy budget against eager
+  fp32 (:func:`sfs_fast.precision.check_budget`). ``--plot`` draws latency and throughput
+  against batch.
 - ``first-output``: ``sfs-decompose`` on one picture in a fresh process, wall time from
   outside, and where it goes (:mod:`sfs_fast.bench.first_output`).
 - ``rss``: peak resident memory of each path in a fresh process that opens the path and

@@ -9,12 +9,13 @@
 
 Precision ``bf16`` with float32 islands: OpenVINO takes one precision hint per compiled model
 (its per-node "keep this in float32" marks are not reachable from Python), so the file is cut
-(``onnx.utils.Extractor``) into consecutive pieces, in the graph's node order, by whether a
-node lies under one of ``bf16_scopes`` (ONNX name scopes, ``/model/<module>/``). Each piece
-is compiled with its own hint and the pieces run one after the other, each reading the
-tensors it needs from the ones before. The ``Decomposer`` passes the scopes of the modules
-its own bf16 path computes in bf16 (:func:`sfs_fast.precision.low_precision_modules`, the
-residual trunks), so both bf16 paths keep the same layers in float32. ``bf16_scopes=None``
+(``onnx.utils.Extractor``) into pieces by whether a node lies under one of ``bf16_scopes``
+(ONNX name scopes, ``/model/<module>/``), in a node order that keeps each precision's nodes
+together (:func:`cut_by_scope`). Each piece is compiled with its own hint and the pieces run
+one after the other, each reading the tensors it needs from the ones before. The
+``Decomposer`` passes the scopes of the modules its own bf16 path computes in bf16
+(:func:`sfs_fast.precision.low_precision_modules`: the residual trunks and a residue head),
+so both bf16 paths keep the same layers in float32. ``bf16_scopes=None``
 with bf16 is OpenVINO's own bf16: the whole graph under the hint (over the accuracy budget
 on our weights; the ``openvino-bf16-all`` row of ``sfs-bench``).
 
@@ -60,8 +61,9 @@ def trunk_scopes(model) -> tuple[str, ...]:
 
 
 def cut_by_scope(model, bf16_scopes) -> list[tuple[str, object, list, list]]:
-    """Cut an ONNX ``model`` (a ``ModelProto``) into consecutive pieces by precision: a node
-    is bf16 when its name starts with one of ``bf16_scopes``, fp32 otherwise. Returns
+    """Cut an ONNX ``model`` (a ``ModelProto``) into pieces by precision: a node is bf16
+    when its name starts with one of ``bf16_scopes`` (or as :func:`_precision_runs` says),
+    fp32 otherwise; the nodes in :func:`_precision_runs`' order. Returns
     ``[(precision, piece ModelProto, input names, output names)]`` in running order; a
     piece's inputs are the graph input or outputs of earlier pieces, its outputs what later
     pieces or the graph's outputs read."""
@@ -70,22 +72,22 @@ def cut_by_scope(model, bf16_scopes) -> list[tuple[str, object, list, list]]:
 
     model = onnx.shape_inference.infer_shapes(model)  # a cut tensor's piece input needs its type and shape
     nodes = model.graph.node
-    runs = _precision_runs(nodes, tuple(bf16_scopes), {t.name for t in model.graph.initializer},
-                           {o.name for o in model.graph.output})
+    finals = {o.name for o in model.graph.output}
+    runs = _precision_runs(nodes, tuple(bf16_scopes), {t.name for t in model.graph.initializer}, finals)
     made_in = {out: k for k, (_, run) in enumerate(runs) for node in run for out in node.output}
     read_in = collections.defaultdict(set)
     for k, (_, run) in enumerate(runs):
         for node in run:
             for name in node.input:
                 read_in[name].add(k)
-    finals = {o.name for o in model.graph.output}
     extractor = onnx.utils.Extractor(model)
     # weights and Constant nodes never cross: each piece's extraction takes the ones it reads
     fixed = set(extractor.initializers) | {o for n in nodes if n.op_type == "Constant" for o in n.output}
     pieces = []
     for k, (prec, run) in enumerate(runs):
         inputs = sorted({i for n in run for i in n.input if i and made_in.get(i, -1) < k and i not in fixed})
-        outputs = sorted({o for n in run for o in n.output if o not in fixed and (o in finals or any(r > k for r in read_in[o]))})
+        outputs = sorted({o for n in run for o in n.output
+                          if o not in fixed and (o in finals or any(r > k for r in read_in[o]))})
         if outputs:  # a run nothing later reads is no piece
             pieces.append((prec, extractor.extract_model(inputs, outputs), inputs, outputs))
     return pieces

@@ -20,7 +20,7 @@ settings); the keyword settings (``backend=``, ``precision=``, ...) build one wi
   with the float32 islands of the PyTorch bf16 path (the graph cut into pieces by precision).
 
 Precisions (see :mod:`sfs_fast.precision`): ``fp32``; ``bf16`` (fused or compile: the
-encoder's convolutions in bf16, everything that decodes its features, the BatchNorm
+residual trunks' and a residue head's convolutions in bf16; the other decoders, the BatchNorm
 parameters and the shading in float32: :func:`sfs_fast.precision.to_low_precision`);
 ``fp16`` (the same on CUDA; an fp16 ONNX file with backend onnx); ``int8`` (backend onnx:
 static QDQ int8, :func:`sfs_fast.export.quantize.quantize_int8`); ``auto``:

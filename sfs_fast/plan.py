@@ -59,8 +59,8 @@ class RunPlan:
     backend: ``eager`` (the model as built, reference shading), ``fused`` (the rewrites of
         :mod:`sfs_fast.optimize` and the fused shading op), ``compile`` (torch.compile of
         fused), ``onnx`` (ONNX Runtime) or ``openvino`` (OpenVINO's CPU plugin on the
-        exported fp32 file; bf16: the residual trunks in bf16, the rest float32, as in the
-        PyTorch bf16 path).
+        exported fp32 file; bf16: the modules the PyTorch bf16 path computes in bf16, the
+        rest float32).
     precision: ``fp32``, ``bf16``, ``fp16``, ``int8``; ``auto`` only in a request (see the
         module docstring); None only for an ``onnx`` file, meaning the file's own.
     device: ``cpu``, ``cuda`` or ``cuda:N``.

@@ -267,14 +267,14 @@ def float_islands(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> list
 
     bfloat16 (7 mantissa bits), the default: for a model with an ``ENCODER`` (the SfSNet
     models: the shared convolutions and the residual trunks, all at 64x64 but the first two
-    layers, about 80% of the FLOPs), every layer outside it: the generation nets, the light estimator and the shading heads, whose
-    outputs are the results themselves, so a rounding step there is an error in an output.
-    Inside the encoder, its first part (``ENCODER[0]``, the shared convolutions before the
-    trunks, 8% of the FLOPs): on the bundled weights bf16 there alone put the shading at 1.6%
-    of its range. The one head outside the encoder that computes in bf16 is a residue head
-    (:func:`bf16_heads`): the residue is a correction added to the SH shading, so bf16's
-    relative rounding of it is small in the shading. Any other model gets the float16 rule. The float16 rule alone puts
-    bf16 over the budget on the demo weights; each float32 island of the bf16 rule was kept
+    layers, about 80% of the FLOPs), every layer outside it: the generation nets, the light
+    estimator and the shading heads, whose outputs are the results themselves, so a rounding
+    step there is an error in an output. Inside the encoder, its first part (``ENCODER[0]``,
+    the shared convolutions before the trunks, 8% of the FLOPs): on the bundled weights bf16
+    there alone put the shading at 1.6% of its range. The one head outside the encoder that
+    computes in bf16 is a residue head (:func:`bf16_heads`): the residue is a correction
+    added to the SH shading, so bf16's relative rounding of it is small in the shading. Any
+    other model gets the float16 rule. The float16 rule alone puts bf16 over the budget on the demo weights; each float32 island of the bf16 rule was kept
     for the error it removes (figures in bench/README.md, "Lab notes").
     """
     encoder = getattr(model, "ENCODER", None) if dtype == torch.bfloat16 else None
@@ -306,9 +306,9 @@ def low_precision_modules(model: nn.Module, dtype: torch.dtype = torch.bfloat16)
     """The top-level modules of ``model`` whose every convolution and linear layer computes
     in ``dtype`` under :func:`to_low_precision` (none of them a :func:`float_islands`), in
     the model's order: for the SfSNet models under bf16, the residual trunks and a residue
-    head (:func:`bf16_heads`). The OpenVINO
-    bf16 path (``sfs_fast.export.openvino_runner``) compiles these in bf16 and the rest in
-    float32, so the two bf16 paths keep the same layers in float32."""
+    head (:func:`bf16_heads`). The OpenVINO bf16 path (``sfs_fast.export.openvino_runner``)
+    compiles these in bf16 and the rest in float32, so the two bf16 paths keep the same
+    layers in float32."""
     keep = set(float_islands(model, dtype))
     state: dict[str, bool] = {}
     for name, m in model.named_modules():

@@ -58,3 +58,5 @@ def test_nothing_readable_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "sfs-compare: error: no picture could be read" and not (tmp_path / "out").exists()
     assert cli.main([str(tmp_path / "in"), str(tmp_path / "out"), "--methods", "9"]) == EXIT_USAGE
+    # the same run-plan check as every command (cli.common.checked_plan)
+    assert cli.main([str(tmp_path / "in"), str(tmp_path / "out"), "--precision", "int8", "--backend", "fused"]) == EXIT_USAGE

@@ -47,10 +47,11 @@ def checked_plan(args):
     that make no plan (here) are a bad command line (exit 2), a missing file bad input (1)."""
     from sfs_fast.plan import FILE_BACKENDS, plan_from_args
 
-    if args.onnx and args.backend not in (None, *FILE_BACKENDS):
+    onnx = getattr(args, "onnx", None)  # sfs-compare has no --onnx
+    if onnx and args.backend not in (None, *FILE_BACKENDS):
         raise CommandError(f"--onnx needs --backend {' or '.join(FILE_BACKENDS)} (or no --backend)", EXIT_USAGE)
-    if args.onnx and not Path(args.onnx).is_file():
-        raise CommandError(f"{args.onnx}: no such ONNX file")
+    if onnx and not Path(onnx).is_file():
+        raise CommandError(f"{onnx}: no such ONNX file")
     try:
         return plan_from_args(args)  # a missing checkpoint is load_any's to report (it also takes registry names)
     except ValueError as exc:

@@ -7,8 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from sfs_fast.cli.common import (EXIT_USAGE, CommandError, add_debug_flag, checked_options, finish, prepared_pictures,
-                                 run_command)
+from sfs_fast.cli.common import (EXIT_USAGE, CommandError, add_debug_flag, checked_options, checked_plan, finish,
+                                 prepared_pictures, run_command)
 
 PROG = "sfs-compare"
 
@@ -63,7 +63,8 @@ def parse_methods(text: str) -> list[int]:
             lo, _, hi = part.partition("-")
             ids += range(int(lo), int(hi or lo) + 1)
     except ValueError:
-        raise CommandError(f"--methods: expected ids or ranges such as 0-7 or 0,3,5, got {text!r}", EXIT_USAGE) from None
+        raise CommandError(f"--methods: expected ids or ranges such as 0-7 or 0,3,5, got {text!r}",
+                           EXIT_USAGE) from None
     unknown = sorted(set(ids) - set(METHODS))
     if not ids or unknown:
         raise CommandError(f"--methods: choose from {min(METHODS)}-{max(METHODS)} (got {text!r})", EXIT_USAGE)
@@ -118,12 +119,11 @@ def compare(args) -> int:
     from sfs_fast.decomposer import Decomposer
     from sfs_fast.models import METHODS
     from sfs_fast.pipeline import decompose_crops
-    from sfs_fast.plan import plan_from_args
 
     methods = parse_methods(args.methods)
     if args.batch_size < 1:
         raise CommandError("--batch-size must be at least 1", EXIT_USAGE)
-    plan = plan_from_args(args)  # one plan for every method; auto decides per method's weights
+    plan = checked_plan(args)  # one plan for every method; auto decides per method's weights
     crops, failed = read_crops(args)
     rows, plans = {c.stem: [] for c in crops}, {}
     for m in methods:

@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "registered name (sfsnet, demo-0 ... demo-7: see sfs-weights list); default: the "
                           "cached official SfSNet for method 0, else the bundled demo weights of the method")
     src.add_argument("--onnx", metavar="FILE", default=None,
-                     help="an exported .onnx model (implies --backend onnx)")
+                     help="an exported .onnx model (runs on --backend onnx, the default, or openvino)")
     add_plan_arguments(p)  # --backend, --device, --precision, --threads (sfs_fast.plan)
     p.add_argument("--masks", metavar="DIR", default=None, help="folder of masks, matched by path or stem")
     p.add_argument("-r", "--recursive", action="store_true", help="descend into sub-folders of IN")

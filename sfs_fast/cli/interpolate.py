@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--weights", metavar="CKPT", default=None, help="checkpoint or registered name such as sfsnet (see sfs-weights list); "
                                                                             "default: as sfs-decompose")
-    src.add_argument("--onnx", metavar="FILE", default=None, help="an exported .onnx model (implies --backend onnx)")
+    src.add_argument("--onnx", metavar="FILE", default=None,
+                     help="an exported .onnx model (runs on --backend onnx, the default, or openvino)")
     add_plan_arguments(p)  # --backend, --device, --precision, --threads (sfs_fast.plan)
     p.add_argument("-r", "--recursive", action="store_true", help="descend into sub-folders of IN")
     p.add_argument("--fit", choices=["crop", "pad"], default="crop", help="non-square pictures: crop or pad")
