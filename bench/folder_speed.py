@@ -103,10 +103,10 @@ def format_table(rows) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[1])
-    p.add_argument("--pictures", type=int, default=64)
+    p.add_argument("--pictures", type=int, default=64, help="face-like PNGs both passes run (default 64)")
     p.add_argument("--paths", default=",".join(DEFAULT_PATHS), help=f"named plans (default {','.join(DEFAULT_PATHS)})")
-    p.add_argument("--method", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--method", type=int, default=0, help="method id, with its default weights (default 0)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per model call in both passes (default 16)")
     p.add_argument("--rounds", type=int, default=3, help="alternating rounds of both passes (medians)")
     p.add_argument("--threads", type=int, default=None, help="the plan's intra-op threads")
     p.add_argument("--json", default=None, metavar="OUT", help="write the rows as JSON")
