@@ -274,8 +274,9 @@ def float_islands(model: nn.Module, dtype: torch.dtype = torch.bfloat16) -> list
     there alone put the shading at 1.6% of its range. The one head outside the encoder that
     computes in bf16 is a residue head (:func:`bf16_heads`): the residue is a correction
     added to the SH shading, so bf16's relative rounding of it is small in the shading. Any
-    other model gets the float16 rule. The float16 rule alone puts bf16 over the budget on the demo weights; each float32 island of the bf16 rule was kept
-    for the error it removes (figures in bench/README.md, "Lab notes").
+    other model gets the float16 rule. The float16 rule alone puts bf16 over the budget on
+    the demo weights; each float32 island of the bf16 rule was kept for the error it removes
+    (figures in bench/README.md, "Lab notes").
     """
     encoder = getattr(model, "ENCODER", None) if dtype == torch.bfloat16 else None
     low = (*encoder[1:], *bf16_heads(model)) if encoder is not None else ()
